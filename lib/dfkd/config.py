@@ -1,0 +1,242 @@
+"""One dataclass per stage; field names equal the notebook parameter names.
+
+``collect(Cls, namespace)`` builds a config from a notebook's globals (or any mapping) by field
+name and type-checks every value, in the spirit of nanoGPT's strict configurator: a parameter
+with the wrong type fails loudly instead of being silently coerced. ``check_overrides`` is what
+the batch runner uses to reject unknown keys before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Dataset selection shared by every stage."""
+    dataset: str = "toy_fgvc"          # toy_fgvc | cub200 | cars196 | aircraft | pets
+    data_root: str = ""                # "" -> $DFKD_DATA -> <project>/data
+    image_size: int = 32               # px; the paper uses 224, the workbench 112/64/32
+    toy_num_classes: int = 10          # embedded dataset only
+    toy_train_per_class: int = 60      # embedded dataset only
+    toy_test_per_class: int = 30       # embedded dataset only
+    cars_heldout_fraction: float = 0.2 # cars196 split="heldout"/"train_minus_heldout" only
+
+
+@dataclass
+class TeacherConfig(DataConfig):
+    """Teacher (or supervised student) pretraining on real data (notebook 10)."""
+    run_name: str = "teacher_dev"
+    arch: str = "resnet_tiny_t"
+    pretrained: bool = False           # torchvision/efficientnet ImageNet weights (must be local)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "cosine"           # cosine | onecycle
+    warmup_epochs: int = 0
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                  # auto (bf16 on CUDA) | bf16 | off
+    channels_last: bool = True         # CUDA only
+    gpu_preload: str = "auto"          # auto | on | off: decoded images held on the device
+    num_workers: int = 2
+    eval_every: int = 1
+    max_steps_per_epoch: int = 0       # 0 = full epoch (smoke tests use a few)
+    interactive: bool = False
+
+
+@dataclass
+class DistillConfig(DataConfig):
+    """Data-free distillation with any registered method (notebook 30; Algorithm 1)."""
+    run_name: str = "distill_dev"
+    method: str = "dfkd_fgvc"          # key of dfkd.methods.METHODS
+    teacher_run: str = ""              # runs/teacher/<teacher_run>; "" = random teacher (smoke only)
+    teacher_arch: str = "resnet_tiny_t"  # only used when teacher_run == ""
+    student_arch: str = "resnet_tiny_s"
+    seed: int = 0
+    device: str = "auto"
+    # --- schedule (Algorithm 1, Sec. 5.1) ---
+    epochs: int = 2
+    iters_per_epoch: int = 5           # "epoch" is undefined in the paper; 50 in peers (decisions.md)
+    g_steps: int = 20                  # t
+    s_steps: int = 15                  # k
+    batch_size: int = 64
+    lr_g: float = 1e-3
+    g_beta1: float = 0.5
+    g_beta2: float = 0.99
+    lr_s: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # --- generator (Table 6) ---
+    nz: int = 256
+    lam: float = 0.05                  # Eq. 6
+    sam_reduction: int = 4
+    sam_softmax: str = "spatial"       # spatial | spatial_scaled | channel
+    deconv_kernel: int = 3             # 3 (Table 6) | 4 (DCGAN)
+    block_norm: str = "none"           # none (Table 6) | bn (DCGAN peers)
+    output_map: str = "imagenet"       # imagenet | raw_tanh
+    # --- losses (Eqs. 2, 3, 7, 9, 10, 11) ---
+    alpha: float = 0.3
+    beta: float = 10.0
+    gamma: float = 8.0
+    kd_T: float = 1.0
+    kd_direction: str = "t_s"          # t_s = KL(T||S) (peers) | s_t = KL(S||T) (Eq. 2 as written)
+    tau: float = 0.07
+    mha_order: int = 3                 # R
+    mha_mode: str = "frozen"           # frozen | trainable | separate
+    mhad_mode: str = "auto"            # auto | stages | penultimate
+    sfcl_dim: int = 256
+    sfcl_symmetric: bool = False
+    use_bn: bool = True                # Table 3 switches
+    use_adv: bool = True
+    use_kd: bool = True
+    use_mhad: bool = True
+    use_sfcl: bool = True
+    student_bn_eval_in_g: bool = True  # student BN in eval mode during generator steps
+    # --- baselines (dfkd.methods; see their docstrings) ---
+    adi_tv: float = 2.5e-5             # ADI total-variation prior weight
+    adi_l2: float = 3e-8               # ADI image L2 prior weight
+    adi_first_bn_mul: float = 10.0     # ADI multiplier of the first BN layer's term
+    adi_competition: float = 0.2       # ADI adaptive competition weight
+    dafl_oh: float = 1.0               # DAFL one-hot loss weight
+    dafl_a: float = 0.1                # DAFL activation loss weight
+    dafl_ie: float = 5.0               # DAFL information-entropy loss weight
+    zskt_at: float = 250.0             # ZSKT attention-transfer weight
+    zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale
+    mad_momentum: float = 0.9          # MAD EMA generator momentum
+    cmi_contrast: float = 0.5          # CMI contrastive weight
+    cmi_bank_size: int = 4096          # CMI memory bank (images)
+    pool_size: int = 0                 # replay pool of synthetic images (0 = online, as the paper)
+    # --- evaluation / logging / speed ---
+    test_batch_size: int = 128
+    max_eval_batches: int = 0          # 0 = the whole test split
+    log_every: int = 1                 # iterations between metric rows (no host sync in between)
+    sample_every: int = 1              # epochs between sample grids
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    interactive: bool = False
+
+
+@dataclass
+class VizConfig(DataConfig):
+    """Figure notebooks (50, 51, 52, 90): which runs to read and how much to draw."""
+    runs: str = ""                     # comma-separated run names under runs/distill
+    teacher_run: str = ""
+    n_images: int = 16
+    tsne_n: int = 500
+    tsne_classes: int = 10
+    tsne_perplexity: float = 30.0
+    gradcam_images: int = 8
+    seed: int = 0
+    device: str = "auto"
+    interactive: bool = False
+
+
+STAGE_CONFIGS = {"teacher": TeacherConfig, "distill": DistillConfig, "viz": VizConfig}
+
+
+# --------------------------------------------------------------------------------------------
+# Strict collection
+# --------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A parameter is unknown, missing or of the wrong type."""
+
+
+def _check_type(name: str, value: Any, expected: type) -> Any:
+    # bool is an int subclass in Python: reject True for an int field and 1 for a bool field.
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only scalar fields are declared
+        return value
+    raise ConfigError(f"parameter {name!r} must be {expected.__name__}, got {type(value).__name__} "
+                      f"({value!r}); fix its value in the parameters cell, YAML file or --set")
+
+
+def field_types(cls) -> dict[str, type]:
+    """``{field name: python type}`` of a config dataclass (annotations are strings here)."""
+    types = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+def collect(cls, namespace: Mapping[str, Any], **overrides):
+    """Build ``cls`` from the names in ``namespace`` (e.g. a notebook's ``globals()``).
+
+    Only the dataclass's field names are read; a field absent from ``namespace`` keeps its
+    default. Every value is type-checked. ``overrides`` win over ``namespace`` and are also
+    checked, and an override that names no field raises.
+    """
+    types = field_types(cls)
+    unknown = sorted(set(overrides) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(types)}")
+    values = {}
+    for name, typ in types.items():
+        if name in overrides:
+            values[name] = _check_type(name, overrides[name], typ)
+        elif name in namespace:
+            values[name] = _check_type(name, namespace[name], typ)
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
+
+
+def check_overrides(cls, params: Mapping[str, Any]) -> None:
+    """Raise if ``params`` has a key that is not a field of ``cls`` or a value of the wrong type."""
+    types = field_types(cls)
+    for k, v in params.items():
+        if k not in types:
+            raise ConfigError(f"unknown parameter {k!r} for {cls.__name__}")
+        _check_type(k, v, types[k])
+
+
+def validate(cfg) -> None:
+    """Range checks that catch typos early (names the field and the accepted values)."""
+    choices = {
+        "sam_softmax": ("spatial", "spatial_scaled", "channel"),
+        "block_norm": ("none", "bn"),
+        "output_map": ("imagenet", "raw_tanh"),
+        "kd_direction": ("t_s", "s_t"),
+        "mha_mode": ("frozen", "trainable", "separate"),
+        "mhad_mode": ("auto", "stages", "penultimate"),
+        "amp": ("auto", "bf16", "off"),
+        "schedule": ("cosine", "onecycle"),
+        "gpu_preload": ("auto", "on", "off"),
+    }
+    for name, allowed in choices.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
+    for name in ("image_size", "batch_size", "epochs"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if hasattr(cfg, "batch_size") and cfg.batch_size < 2:
+        raise ConfigError("batch_size must be >= 2: BatchNorm in train mode needs two samples")
+    if hasattr(cfg, "mha_order") and cfg.mha_order not in (1, 2, 3, 4, 5, 6):
+        raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
+    for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):
+        if hasattr(cfg, name) and not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ConfigError(f"{name} must be a positive finite number, got {getattr(cfg, name)}")
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain ``{name: value}`` of a config (what ``params.yaml`` holds)."""
+    return dataclasses.asdict(cfg)
