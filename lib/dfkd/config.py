@@ -77,6 +77,7 @@ class DistillConfig(DataConfig):
     weight_decay: float = 5e-4
     # --- generator (Table 6) ---
     nz: int = 256
+    ngf: int = 64                      # generator width: 8ngf->4ngf->2ngf->ngf->ngf (Table 6 at 64)
     lam: float = 0.05                  # Eq. 6
     sam_reduction: int = 4
     sam_softmax: str = "spatial"       # spatial | spatial_scaled | channel
@@ -101,24 +102,45 @@ class DistillConfig(DataConfig):
     use_mhad: bool = True
     use_sfcl: bool = True
     student_bn_eval_in_g: bool = True  # student BN in eval mode during generator steps
-    # --- baselines (dfkd.methods; see their docstrings) ---
-    adi_tv: float = 2.5e-5             # ADI total-variation prior weight
-    adi_l2: float = 3e-8               # ADI image L2 prior weight
-    adi_first_bn_mul: float = 10.0     # ADI multiplier of the first BN layer's term
-    adi_competition: float = 0.2       # ADI adaptive competition weight
+    # --- baselines (dfkd.methods; see their docstrings and docs/decisions/baselines.md) ---
+    zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
+    zskd_T: float = 20.0               # ZSKD softmax temperature (impressions and student KD)
+    zskd_lr: float = 0.01              # ZSKD Adam lr of the impressions
+    zskd_craft_steps: int = 0          # ZSKD Adam steps per impression batch (0 = g_steps; ZSKD: 1500)
+    zskt_at: float = 250.0             # ZSKT attention-transfer weight
     dafl_oh: float = 1.0               # DAFL one-hot loss weight
     dafl_a: float = 0.1                # DAFL activation loss weight
     dafl_ie: float = 5.0               # DAFL information-entropy loss weight
-    zskt_at: float = 250.0             # ZSKT attention-transfer weight
-    zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale
+    adi_bn: float = 0.05               # ADI BN-statistics prior weight (DeepInversion r_feature, 224 px)
+    adi_tv: float = 1e-4               # ADI total-variation (L2) prior weight (224 px)
+    adi_l2: float = 1e-5               # ADI image L2 prior weight (224 px)
+    adi_first_bn_mul: float = 10.0     # ADI multiplier of the first BN layer's term
+    adi_competition: float = 0.2       # ADI adaptive competition weight
+    adi_lr: float = 0.2                # ADI Adam lr of the inputs (224 px)
+    adi_jitter: int = 0                # ADI max jitter in px (0 = 30 px scaled to image_size; 2 at 32)
+    adi_craft_steps: int = 0           # ADI Adam steps per batch (0 = g_steps; DeepInversion: 2000)
+    dfq_bn: float = 1.0                # DFQ BN prior weight
+    dfq_adv: float = 1.0               # DFQ adversarial (KL) weight
+    dfq_oh: float = 1.0                # DFQ one-hot (instance entropy) weight
+    dfq_balance: float = 20.0          # DFQ class-balance (batch entropy) weight
     mad_momentum: float = 0.9          # MAD EMA generator momentum
-    cmi_contrast: float = 0.5          # CMI contrastive weight
-    cmi_bank_size: int = 4096          # CMI memory bank (images)
-    pool_size: int = 0                 # replay pool of synthetic images (0 = online, as the paper)
+    mad_bn: float = 1.0                # MAD BN prior weight
+    mad_ema_fraction: float = 0.5      # MAD share of each student batch from the EMA generator
+    cmi_bn: float = 1.0                # CMI BN prior weight
+    cmi_oh: float = 0.5                # CMI cross-entropy (to sampled targets) weight
+    cmi_adv: float = 0.5               # CMI adversarial (KL) weight
+    cmi_adv_mask: bool = False         # CMI: adversarial KL only where S agrees with T (CMI's code)
+    cmi_contrast: float = 0.8          # CMI contrastive weight
+    cmi_tau: float = 0.1               # CMI contrastive temperature
+    cmi_dim: int = 256                 # CMI projection head output size
+    cmi_bank_size: int = 4096          # CMI memory bank (rows of past image features)
+    cmi_reset_generator: bool = False  # CMI: re-initialise G at every round start (CMI's code)
+    pool_size: int = 0                 # pool of synthetic images (zskd/adi/cmi; 0 = 2048); others online
     # --- evaluation / logging / speed ---
     test_batch_size: int = 128
     max_eval_batches: int = 0          # 0 = the whole test split
     log_every: int = 1                 # iterations between metric rows (no host sync in between)
+    checkpoint_every: int = 0          # iterations between resume states (0 = end of each epoch only)
     sample_every: int = 1              # epochs between sample grids
     amp: str = "auto"
     channels_last: bool = True
@@ -128,21 +150,36 @@ class DistillConfig(DataConfig):
 
 
 @dataclass
-class VizConfig(DataConfig):
-    """Figure notebooks (50, 51, 52, 90): which runs to read and how much to draw."""
-    runs: str = ""                     # comma-separated run names under runs/distill
-    teacher_run: str = ""
-    n_images: int = 16
-    tsne_n: int = 500
-    tsne_classes: int = 10
-    tsne_perplexity: float = 30.0
-    gradcam_images: int = 8
+class SynthConfig(DistillConfig):
+    """Generator synthesis alone (notebook 20): the generator stage of Algorithm 1, watched."""
+    run_name: str = "synthesis_dev"
+    steps: int = 50                    # generator steps (Eq. 10) against a fixed random student
+    n_samples: int = 32                # images in the saved grid
+
+
+@dataclass
+class VizConfig:
+    """Report notebooks (40, 50, 51, 52, 90): which runs to read and how much to draw.
+
+    The dataset, resolution and data root of the real images come from the runs' own params.yaml.
+    """
+    run_name: str = "viz_dev"          # runs/viz/<run_name>/ keeps the tables this notebook writes
+    runs_prefix: str = ""              # distill runs whose name starts with this (see batches/*.yaml)
+    runs: str = ""                     # or an explicit comma-separated list of distill run names
+    teacher_prefix: str = ""           # teacher runs whose name starts with this
+    n_images: int = 8                  # images per row in grids
+    tsne_n: int = 500                  # points per t-SNE panel
+    tsne_classes: int = 10             # classes shown in t-SNE (Fig. 5 uses 10)
+    tsne_perplexity: float = 30.0      # clamped below n/3 for tiny inputs
+    gradcam_images: int = 4            # synthetic and real images each (Fig. 6)
+    figures_root: str = ""             # "" -> figures/; a relative path lies under runs/ (demo, smoke)
+    data_root: str = ""                # overrides the runs' data_root when the data moved
     seed: int = 0
-    device: str = "auto"
+    device: str = "cpu"
     interactive: bool = False
 
 
-STAGE_CONFIGS = {"teacher": TeacherConfig, "distill": DistillConfig, "viz": VizConfig}
+STAGE_CONFIGS = {"teacher": TeacherConfig, "synthesis": SynthConfig, "distill": DistillConfig, "viz": VizConfig}
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,8 +43,13 @@ def runs_dir(runs_root: str | os.PathLike | None = None) -> Path:
 
 
 def figures_dir(figures_root: str | os.PathLike | None = None) -> Path:
-    """Where report figures go: argument, else ``$DFKD_FIGURES``, else ``<project>/figures``."""
+    """Where report figures go: argument, else ``$DFKD_FIGURES``, else ``<project>/figures``.
+
+    A relative ``figures_root`` lies inside the runs root (``runs/<figures_root>``), so demo and
+    smoke batches never touch the committed ``figures/``.
+    """
     if figures_root not in (None, ""):
-        return Path(figures_root).expanduser()
+        p = Path(figures_root).expanduser()
+        return p if p.is_absolute() else runs_dir() / p
     env = os.environ.get("DFKD_FIGURES")
     return Path(env).expanduser() if env else project_root() / "figures"

@@ -1,0 +1,621 @@
+"""Papermill batch runner: ``python -m dfkd.batch MANIFEST [--smoke] [--only JOB] [--runs-dir DIR]
+[--set key=value ...] [--dry-run] [--force]``.
+
+Scope: read a manifest (``batches/*.yaml``), layer parameters, validate every key and type against
+each notebook's ``parameters`` cell *before* anything runs, then execute the notebooks in
+dependency order into ``runs/<stage>/<run>/executed.ipynb``. Finished runs (``summary.json``) are
+skipped; interrupted ones are re-executed and the notebook resumes from ``state/last.pt`` itself.
+
+Manifest (``docs/decisions/batch.md`` has the full schema)::
+
+    jobs:
+      - name: teacher                      # job id (grid expansions become teacher[seed=0] ...)
+        notebook: notebooks/10_teacher_pretraining.py
+        stage: teacher                     # teacher | synthesis | distill | viz | figures
+        run: "{arch}_{dataset}_s{seed}"    # run_name template, filled from the resolved params
+        params: [params/teacher/r34_cub.yaml]   # later files win
+        set: {epochs: 30}                  # optional inline overrides
+        grid: {seed: [0, 1, 2]}            # optional cartesian product
+        needs: [other_job, "teacher/{teacher_run}"]  # job names, or stage/run folders
+        timeout: 3600                      # optional, seconds per cell
+
+Layering (later wins): notebook defaults < params/base.yaml < job files < ``set`` < grid values
+< params/smoke.yaml (``--smoke``) < ``--set``. ``run_name`` is always injected from ``run``
+(a notebook that declares no ``run_name`` is "plain": the runner writes its summary.json).
+base.yaml, smoke.yaml and ``--set`` are shared by all jobs: their keys apply where a notebook
+declares them, and a key that no notebook declares is a typo and fails. Job keys (``params``
+files, ``set``, ``grid``) must be declared by the job's own notebook.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from dfkd import paths
+
+STAGES = ("teacher", "synthesis", "distill", "viz", "figures")
+DONE, SKIPPED, FAILED, BLOCKED, PLANNED = "done", "skipped", "failed", "blocked", "planned"
+SMOKE_CELL_TIMEOUT = 300  # s per cell when --smoke and the job gives none: CI must never hang
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+_log = partial(print, flush=True)  # progress lines interleave correctly with kernel stderr
+_JOB_KEYS = {"name", "notebook", "stage", "run", "params", "set", "grid", "needs", "timeout"}
+
+
+class BatchError(ValueError):
+    """The manifest, a parameter file or an override is invalid (raised before anything runs)."""
+
+
+# --------------------------------------------------------------------------------------------
+# YAML: PyYAML (YAML 1.1) reads `1e-3` as a string; parameter files are full of such floats
+# --------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(path_or_text: str | Path, *, text: bool = False) -> Any:
+    """YAML with YAML-1.2 floats (``1e-3`` is a float, as in Python)."""
+    src = path_or_text if text else Path(path_or_text).read_text()
+    return yaml.load(src, Loader=_Loader)
+
+
+# --------------------------------------------------------------------------------------------
+# notebook parameters
+# --------------------------------------------------------------------------------------------
+def _parameters_source(notebook_path: Path) -> str:
+    import jupytext
+    nb = jupytext.read(notebook_path)
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            return cell.source
+    raise BatchError(f"{notebook_path} has no cell tagged 'parameters' "
+                     "(py:percent: `# %% tags=[\"parameters\"]`)")
+
+
+def parse_parameters(source: str, where: str = "parameters cell") -> dict[str, tuple[str, Any]]:
+    """``{name: (type_name, default)}`` from ``name: type = literal  # help`` lines.
+
+    Parsed with ``ast`` rather than papermill's line regex, which cuts string values at a ``#``
+    and returns defaults as source text. Unannotated ``name = literal`` takes the literal's type.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise BatchError(f"{where}: syntax error: {e}") from e
+    out: dict[str, tuple[str, Any]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a bare string used as a comment
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+            name, value = node.target.id, node.value
+            ann = node.annotation
+            type_name = ann.value if isinstance(ann, ast.Constant) else ast.unparse(ann)
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name)):
+            name, value, type_name = node.targets[0].id, node.value, None
+        else:
+            raise BatchError(f"{where}, line {node.lineno}: only `name: type = literal` lines are "
+                             f"allowed in a parameters cell, got {ast.unparse(node)[:60]!r}")
+        try:
+            default = ast.literal_eval(value)
+        except ValueError as e:
+            raise BatchError(f"{where}, line {node.lineno}: {name} must be a literal, got "
+                             f"{ast.unparse(value)[:60]!r}") from e
+        type_name = type_name or type(default).__name__
+        if type_name not in _TYPES:
+            raise BatchError(f"{where}: parameter {name!r} has type {type_name!r}; allowed: "
+                             f"{', '.join(_TYPES)}")
+        out[name] = (type_name, coerce(name, default, type_name, where))
+    return out
+
+
+def notebook_parameters(notebook_path: str | Path) -> dict[str, tuple[str, Any]]:
+    """``{name: (type_name, default)}`` declared by the notebook's ``parameters`` cell."""
+    path = Path(notebook_path)
+    if not path.is_file():
+        raise BatchError(f"notebook {path} does not exist")
+    return parse_parameters(_parameters_source(path), where=str(path))
+
+
+def coerce(name: str, value: Any, type_name: str, where: str) -> Any:
+    """``value`` checked against ``type_name``; an int is accepted (and converted) for a float."""
+    t = _TYPES[type_name]
+    ok = (isinstance(value, t) and not (t is int and isinstance(value, bool))) or (
+        t is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise BatchError(f"{where}: parameter {name!r} is {type_name}, got "
+                         f"{type(value).__name__} ({value!r})")
+    return float(value) if t is float else value
+
+
+def parse_sets(sets: Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``["epochs=3", "lr=0.1"]`` -> ``{"epochs": 3, "lr": 0.1}`` (values are YAML scalars)."""
+    if not sets:
+        return {}
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    out = {}
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise BatchError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = load_yaml(raw, text=True) if raw.strip() else ""
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One manifest entry, before layering and grid expansion."""
+    name: str
+    notebook: str
+    stage: str
+    run: str
+    params: list[str] = field(default_factory=list)
+    set: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+    needs: list[str] = field(default_factory=list)
+    timeout: int | None = None
+
+
+@dataclass
+class ResolvedJob:
+    """A runnable job: one grid combination with validated parameters."""
+    name: str                       # job name, plus [k=v,...] for grid expansions
+    job: str                        # the manifest job it came from
+    notebook: Path                  # absolute path of the py:percent source
+    stage: str
+    run_name: str
+    params: dict[str, Any]          # what papermill injects (every non-default value + run_name)
+    values: dict[str, Any]          # all parameter values the notebook will see
+    sources: dict[str, str]         # parameter -> layer that set it (for --dry-run)
+    needs: list[str] = field(default_factory=list)        # resolved job names
+    need_runs: list[tuple[str, str]] = field(default_factory=list)  # (stage, run) of all needs
+    timeout: int | None = None
+    smoke: bool = False
+    root: Path = field(default_factory=paths.project_root)
+
+    def run_dir(self, runs_root: str | Path | None = None) -> Path:
+        return paths.runs_dir(runs_root) / self.stage / self.run_name
+
+
+def load_manifest(path: str | Path) -> list[Job]:
+    """Parse and shape-check a manifest (no notebook is read here)."""
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise BatchError(f"{path}: a manifest is a mapping with a `jobs:` list")
+    extra = set(data) - {"jobs", "description"}
+    if extra:
+        raise BatchError(f"{path}: unknown top-level key(s) {sorted(extra)}")
+    jobs, seen = [], set()
+    for i, raw in enumerate(data["jobs"]):
+        where = f"{path}: job {i + 1}"
+        if not isinstance(raw, dict):
+            raise BatchError(f"{where}: each job is a mapping")
+        unknown = set(raw) - _JOB_KEYS
+        if unknown:
+            raise BatchError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_JOB_KEYS)}")
+        for key in ("name", "notebook", "stage"):
+            if not isinstance(raw.get(key), str) or not raw[key]:
+                raise BatchError(f"{where}: `{key}` (a string) is required")
+        name = raw["name"]
+        if name in seen or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise BatchError(f"{where}: job name {name!r} is duplicated or not [A-Za-z0-9_.-]+")
+        seen.add(name)
+        if raw["stage"] not in STAGES:
+            raise BatchError(f"{where} ({name}): stage {raw['stage']!r} is not one of {STAGES}")
+        params = raw.get("params") or []
+        params = [params] if isinstance(params, str) else params
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise BatchError(f"{where} ({name}): `grid` maps names to non-empty lists")
+        if not isinstance(raw.get("set") or {}, dict):
+            raise BatchError(f"{where} ({name}): `set` must be a mapping")
+        needs = raw.get("needs") or []
+        timeout = raw.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+            raise BatchError(f"{where} ({name}): `timeout` is a positive number of seconds per cell")
+        jobs.append(Job(name=name, notebook=raw["notebook"], stage=raw["stage"],
+                        run=str(raw.get("run") or name), params=list(params),
+                        set=dict(raw.get("set") or {}), grid=grid,
+                        needs=[needs] if isinstance(needs, str) else list(needs), timeout=timeout))
+    return jobs
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BatchError(f"parameter file {path} does not exist")
+    data = load_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or any(isinstance(v, dict) for v in data.values()):
+        raise BatchError(f"{path}: parameter files are flat `key: value` mappings")
+    return data
+
+
+def _declared_anywhere(root: Path, notebooks: Iterable[Path]) -> set[str]:
+    """Parameter names declared by the given notebooks and every ``notebooks/*.py``."""
+    names: set[str] = set()
+    for nb in {*notebooks, *sorted((root / "notebooks").glob("*.py"))}:
+        with contextlib.suppress(BatchError):  # e.g. an overview notebook without parameters
+            names |= set(notebook_parameters(nb))
+    return names
+
+
+def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, only: str | None = None,
+                 root: str | Path | None = None) -> list[ResolvedJob]:
+    """Expand, layer and validate every job; return the selected ones in dependency order.
+
+    Raises :class:`BatchError` (naming the key, file and notebook) on any unknown key, type
+    mismatch, bad template, duplicate run folder, unknown dependency or cycle.
+    """
+    root = Path(root).resolve() if root else paths.project_root()
+    jobs = load_manifest(manifest_path)
+    cli = parse_sets(sets)
+    if "run_name" in cli:
+        raise BatchError("run_name comes from each job's `run` template; do not --set it")
+    base_path, smoke_path = root / "params" / "base.yaml", root / "params" / "smoke.yaml"
+    base = _read_params_file(base_path) if base_path.is_file() else {}
+    if smoke and not smoke_path.is_file():
+        raise BatchError(f"--smoke needs {smoke_path}")
+    smoke_params = _read_params_file(smoke_path) if smoke else {}
+    nb_paths = {j.name: (root / j.notebook).resolve() for j in jobs}
+    declared = {n: notebook_parameters(p) for n, p in nb_paths.items()}
+    shared = [(base_path, base), (smoke_path, smoke_params)]
+    if any(d for _, d in shared):
+        known = _declared_anywhere(root, nb_paths.values())
+        for p, d in shared:
+            typos = sorted(set(d) - known)
+            if typos:
+                raise BatchError(f"{p}: key(s) {typos} are declared by no notebook (typo?)")
+
+    resolved: list[ResolvedJob] = []
+    for job in jobs:
+        decl, nb = declared[job.name], nb_paths[job.name]
+        fixed = [("params/base.yaml", base, False)]
+        fixed += [(f, _read_params_file(root / f), True) for f in job.params]
+        fixed += [("set", job.set, True)]
+        combos = [dict(zip(job.grid, c)) for c in itertools.product(*job.grid.values())] or [{}]
+        for combo in combos:
+            # --set is the last word (e.g. `--smoke --set device=cuda` for a GPU smoke check);
+            # it applies where declared, and a key no selected notebook declares fails below
+            layers = fixed + [("grid", combo, True), ("params/smoke.yaml", smoke_params, False),
+                              ("--set", cli, False)]
+            values = {k: d for k, (_, d) in decl.items()}
+            sources = dict.fromkeys(decl, "default")
+            for label, layer, strict in layers:
+                for k, v in layer.items():
+                    where = f"job {job.name!r} ({label}, notebook {job.notebook})"
+                    if k not in decl:
+                        if strict:
+                            raise BatchError(f"{where}: unknown parameter {k!r}; the notebook "
+                                             f"declares {sorted(decl)}")
+                        continue
+                    if k == "run_name" and strict:
+                        raise BatchError(f"{where}: run_name comes from the job's `run` template")
+                    values[k] = coerce(k, v, decl[k][0], where)
+                    sources[k] = label
+            try:
+                run_name = job.run.format_map(values)
+            except (KeyError, IndexError, ValueError) as e:
+                raise BatchError(f"job {job.name!r}: run template {job.run!r} names a parameter "
+                                 f"the notebook does not declare: {e}") from e
+            if not re.fullmatch(r"[\w\-+=,][\w.\-+=,]*", run_name):  # safe in shells and URLs
+                raise BatchError(f"job {job.name!r}: run name {run_name!r} is not a plain folder "
+                                 "name (letters, digits, . _ - + = ,)")
+            if "run_name" in decl:  # else a plain notebook: the runner records its completion
+                values["run_name"], sources["run_name"] = run_name, "run"
+            suffix = ",".join(f"{k}={v}" for k, v in combo.items())
+            resolved.append(ResolvedJob(
+                name=f"{job.name}[{suffix}]" if suffix else job.name, job=job.name, notebook=nb,
+                stage=job.stage, run_name=run_name,
+                params={k: v for k, v in values.items() if sources[k] != "default"},
+                values=values, sources=sources, smoke=smoke, root=root,
+                timeout=job.timeout or (SMOKE_CELL_TIMEOUT if smoke else None)))
+
+    by_run: dict[tuple[str, str], str] = {}
+    for r in resolved:
+        key = (r.stage, r.run_name)
+        if key in by_run:
+            raise BatchError(f"jobs {by_run[key]!r} and {r.name!r} both write runs/{key[0]}/{key[1]}; "
+                             "make the `run` template include the grid keys")
+        by_run[key] = r.name
+    _link_needs(jobs, resolved, by_run)
+    ordered = _topological(resolved)
+    if only:
+        ordered = [r for r in ordered if only in (r.name, r.job)]
+        if not ordered:
+            raise BatchError(f"--only {only!r} matches no job; jobs: {[r.name for r in resolved]}")
+    selected = {k for r in ordered for k in declared[r.job]}
+    unknown = sorted(set(cli) - selected)
+    if unknown:
+        raise BatchError(f"--set: unknown parameter(s) {unknown}: declared by none of the notebooks "
+                         f"of the selected jobs ({sorted({str(r.notebook.name) for r in ordered})})")
+    return ordered
+
+
+def _link_needs(jobs: list[Job], resolved: list[ResolvedJob], by_run) -> None:
+    expansions: dict[str, list[ResolvedJob]] = {}
+    for r in resolved:
+        expansions.setdefault(r.job, []).append(r)
+    needs_of = {j.name: j.needs for j in jobs}
+    for r in resolved:
+        for need in needs_of[r.job]:
+            try:
+                need = need.format_map(r.values) if "{" in need else need
+            except (KeyError, IndexError, ValueError) as e:
+                raise BatchError(f"job {r.name!r}: `needs` entry {need!r} names an undeclared "
+                                 f"parameter: {e}") from e
+            if need in expansions:
+                deps = [(d.stage, d.run_name) for d in expansions[need]]
+            elif "/" in need and need.split("/", 1)[0] in STAGES:
+                deps = [tuple(need.split("/", 1))]  # a run folder, maybe from another batch
+            else:
+                raise BatchError(f"job {r.name!r} needs {need!r}: no such job, and not a "
+                                 f"<stage>/<run> folder")
+            for dep in deps:
+                if dep == (r.stage, r.run_name):
+                    raise BatchError(f"job {r.name!r} needs itself")
+                r.need_runs.append(dep)
+                if dep in by_run:
+                    r.needs.append(by_run[dep])
+        r.need_runs, r.needs = list(dict.fromkeys(r.need_runs)), list(dict.fromkeys(r.needs))
+
+
+def _topological(resolved: list[ResolvedJob]) -> list[ResolvedJob]:
+    """Dependency order, otherwise manifest order (stable Kahn)."""
+    pending, done, out = list(resolved), set(), []
+    while pending:
+        ready = [r for r in pending if all(n in done for n in r.needs)]
+        if not ready:
+            raise BatchError(f"dependency cycle among {[r.name for r in pending]}")
+        out.append(ready[0])
+        done.add(ready[0].name)
+        pending.remove(ready[0])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# execution
+# --------------------------------------------------------------------------------------------
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def default_runs_root(smoke: bool = False) -> Path:
+    """``runs_dir()``; smoke runs go to ``runs_dir()/_smoke`` so they never shadow real runs."""
+    return paths.runs_dir() / "_smoke" if smoke else paths.runs_dir()
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]):
+    # the kernel inherits this process's environment; restore it so in-process callers (tests) see no change
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _quiet_papermill():
+    """Drop papermill's re-inspection warnings: its line regex misreads valid parameter lines
+    (e.g. a quote inside a comment) and then calls their names unknown; we validated with ast."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Unable to parse line", "Passed unknown parameter"))
+
+    loggers = [logging.getLogger(n) for n in ("papermill", "papermill.translators")]
+    for lg in loggers:
+        lg.addFilter(keep)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(keep)
+
+
+def _error_text(e: BaseException) -> str:
+    from papermill.exceptions import PapermillExecutionError
+    if isinstance(e, PapermillExecutionError):
+        tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(e.traceback or []))
+        return (f"{e.ename}: {e.evalue}\n\nin cell {e.cell_index} (In [{e.exec_count}]):\n"
+                f"{e.source}\n\n{tb}\n")
+    return f"{type(e).__name__}: {e}\n"
+
+
+def run_job(job: ResolvedJob, *, runs_root: str | Path | None = None, force: bool = False,
+            figures_root: str | Path | None = None, log=_log) -> str:
+    """Execute one job unless its run is finished; return DONE, SKIPPED or FAILED.
+
+    ``force`` deletes the run folder first (a fresh run, not a resume). A failure keeps the
+    partial ``executed.ipynb`` and writes ``FAILED`` with the error text.
+    """
+    import jupytext
+    import nbformat
+    import papermill
+
+    runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(job.smoke).resolve()
+    run_dir = job.run_dir(runs_root)
+    if is_finished(run_dir) and not force:
+        log(f"  {job.name}: finished run {run_dir} exists -> skipped")
+        return SKIPPED
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)  # --force means from scratch: a kept state/last.pt would resume
+    resumed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "FAILED").unlink(missing_ok=True)
+    if figures_root is None and job.smoke:
+        figures_root = runs_root / "_figures"  # smoke runs never overwrite committed figures
+    env = {"TQDM_DISABLE": "1", "DFKD_RUNS": str(runs_root),
+           # not Agg: the inline backend is headless too and keeps figures in executed.ipynb
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # silences debugpy's frozen-modules warning
+    if figures_root is not None:
+        env["DFKD_FIGURES"] = str(Path(figures_root).resolve())
+    output = run_dir / "executed.ipynb"
+    log(f"  {job.name}: {'resuming' if resumed else 'running'} {job.notebook.name} -> {run_dir}")
+    error = None
+    with tempfile.TemporaryDirectory(prefix="dfkd-batch-") as tmp:
+        src = Path(tmp) / f"{job.notebook.stem}.ipynb"
+        nbformat.write(jupytext.read(job.notebook), src)  # keeps the `parameters` tag
+        try:
+            with _environ(env), _quiet_papermill():
+                papermill.execute_notebook(
+                    str(src), str(output), parameters=job.params, kernel_name="python3",
+                    language="python", cwd=str(job.root), log_output=False, progress_bar=False,
+                    execution_timeout=job.timeout)
+        except Exception as e:  # KeyboardInterrupt propagates: the run stays "interrupted"
+            error = _error_text(e)
+        _record_source(output, job)
+    if error is None and "run_name" not in job.values:
+        # a notebook without run_name cannot know its folder: record completion for it
+        _write_text(run_dir / "summary.json", json.dumps(
+            {"executed_by": "dfkd.batch", "notebook": job.notebook.name}, indent=2) + "\n")
+    if error is None and not is_finished(run_dir):
+        error = (f"the notebook ran to the end but wrote no {run_dir / 'summary.json'}: it must call "
+                 f"dfkd.tracking.start_run({job.stage!r}, run_name, cfg) and run.finish(summary), "
+                 "with the runs root taken from $DFKD_RUNS (the default)\n")
+    if error is not None:
+        _write_text(run_dir / "FAILED", error)
+        log(f"  {job.name}: FAILED ({error.splitlines()[0]}); see {run_dir / 'FAILED'} and {output}")
+        return FAILED
+    return DONE
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a half-written summary.json would mark a run finished
+
+
+def _record_source(output: Path, job: ResolvedJob) -> None:
+    # papermill records the temporary .ipynb as input; point it at the committed source instead
+    if not output.is_file():
+        return
+    with contextlib.suppress(Exception):
+        nb = json.loads(output.read_text())
+        nb.setdefault("metadata", {}).setdefault("papermill", {})["input_path"] = str(
+            job.notebook.relative_to(job.root) if job.notebook.is_relative_to(job.root) else job.notebook)
+        output.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def _describe(job: ResolvedJob, runs_root: Path) -> str:
+    d = job.run_dir(runs_root)
+    state = ("finished -> skip" if is_finished(d) else "failed -> re-run" if (d / "FAILED").exists()
+             else "interrupted -> resume" if d.exists() else "new")
+    rel = job.notebook.relative_to(job.root) if job.notebook.is_relative_to(job.root) else job.notebook
+    lines = [f"{job.name}", f"    notebook: {rel}", f"    run:      {d}  ({state})"]
+    if job.need_runs:
+        lines.append(f"    needs:    {', '.join(f'{s}/{r}' for s, r in job.need_runs)}")
+    if job.timeout:
+        lines.append(f"    timeout:  {job.timeout} s per cell")
+    width = max((len(k) for k in job.params), default=0)
+    lines += [f"      {k:<{width}} = {v!r:<24} # {job.sources[k]}" for k, v in job.params.items()]
+    return "\n".join(lines)
+
+
+def run_batch(manifest_path: str | Path, *, smoke: bool = False, sets=None, only: str | None = None,
+              runs_root: str | Path | None = None, dry_run: bool = False, force: bool = False,
+              root: str | Path | None = None, figures_root: str | Path | None = None,
+              log=_log) -> dict[str, str]:
+    """Validate everything, then run the jobs in order; return ``{job name: status}``."""
+    jobs = resolve_jobs(manifest_path, smoke=smoke, sets=sets, only=only, root=root)
+    runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(smoke).resolve()
+    log(f"{len(jobs)} job(s) from {manifest_path}; runs root {runs_root}")
+    if dry_run:
+        for job in jobs:
+            log(_describe(job, runs_root))
+        return dict.fromkeys((j.name for j in jobs), PLANNED)
+    if only:  # the needed runs are not part of this batch: they must already be finished
+        missing = sorted({f"{s}/{r}" for j in jobs for s, r in j.need_runs
+                          if not is_finished(runs_root / s / r)})
+        if missing:
+            raise BatchError(f"--only {only}: needed run(s) not finished under {runs_root}: "
+                             f"{', '.join(missing)}; run those jobs first")
+    status: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for i, job in enumerate(jobs, 1):
+        log(f"[{i}/{len(jobs)}] {job.name}")
+        bad = [n for n in job.needs if status.get(n) in (FAILED, BLOCKED)]
+        absent = [f"{s}/{r}" for s, r in job.need_runs if (s, r) not in
+                  {(j.stage, j.run_name) for j in jobs} and not is_finished(runs_root / s / r)]
+        if bad or absent:
+            log(f"  {job.name}: blocked (needs {', '.join(bad + absent)} which failed or are missing)")
+            status[job.name] = BLOCKED
+            continue
+        t0 = time.perf_counter()
+        status[job.name] = run_job(job, runs_root=runs_root, force=force,
+                                   figures_root=figures_root, log=log)
+        seconds[job.name] = time.perf_counter() - t0
+    log(_summary_table(jobs, status, seconds, runs_root))
+    return status
+
+
+def _summary_table(jobs, status, seconds, runs_root) -> str:
+    w = max([len(j.name) for j in jobs] + [3])
+    rows = [f"\n{'job':<{w}}  {'status':<8} {'seconds':>8}  run"]
+    for j in jobs:
+        t = f"{seconds[j.name]:.1f}" if j.name in seconds else "-"
+        rows.append(f"{j.name:<{w}}  {status[j.name]:<8} {t:>8}  {j.run_dir(runs_root)}")
+    counts = {s: list(status.values()).count(s) for s in (DONE, SKIPPED, FAILED, BLOCKED)}
+    rows.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; 0 = all done or skipped, 1 = a job failed or was blocked, 2 = invalid input."""
+    ap = argparse.ArgumentParser(prog="python -m dfkd.batch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("manifest", help="batches/*.yaml")
+    ap.add_argument("--smoke", action="store_true", help="put params/smoke.yaml on top of the manifest")
+    ap.add_argument("--only", metavar="JOB", help="run this job (or grid expansion) only")
+    ap.add_argument("--runs-dir", metavar="DIR", help="runs root (default $DFKD_RUNS or runs/; "
+                    "with --smoke runs/_smoke)")
+    ap.add_argument("--figures-dir", metavar="DIR", help="sets DFKD_FIGURES for the notebooks")
+    ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of every job that declares it (YAML scalar; wins "
+                    "over everything, params/smoke.yaml included)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the jobs; run nothing")
+    ap.add_argument("--force", action="store_true", help="delete and re-run finished runs")
+    ap.add_argument("--root", metavar="DIR", help="project root (default: this checkout)")
+    args = ap.parse_args(argv)
+    try:
+        status = run_batch(args.manifest, smoke=args.smoke, sets=args.sets, only=args.only,
+                           runs_root=args.runs_dir, dry_run=args.dry_run, force=args.force,
+                           root=args.root, figures_root=args.figures_dir)
+    except (BatchError, FileNotFoundError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if any(s in (FAILED, BLOCKED) for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""ADI: Yin, Molchanov, Alvarez, Li, Mallya, Hoiem, Jha, Kautz, "Dreaming to Distill: Data-free
+Knowledge Transfer via DeepInversion", CVPR 2020 (Adaptive DeepInversion).
+
+Recipe (no generator; the inputs themselves are optimised):
+  min_x  CE(T(x_j), y) + ``adi_bn`` * R_BN(x_j) + ``adi_tv`` * R_TV(x_j) + ``adi_l2`` * ||x_j||_2
+         + ``adi_competition`` * (1 - JS(S(x_j) || T(x_j)))
+- x_j: the batch after a random jitter (``torch.roll`` by up to ``adi_jitter`` px in each axis)
+  and a random horizontal flip of the whole batch, drawn anew every step (DeepInversion).
+- y: target classes drawn uniformly per crafted batch.
+- R_BN: the teacher's BN-statistics prior (``dfkd.losses.bn_prior``), sum over BN layers of
+  ||mu - mean||_2 + ||sigma^2 - var||_2, the first BN layer's term times ``adi_first_bn_mul``.
+- R_TV: sum of the L2 norms of the four neighbour differences (horizontal, vertical, two diagonals);
+  ||x_j||_2: mean over images of their L2 norm (DeepInversion's ImageNet code).
+- The adaptive competition term: JS = Jensen-Shannon divergence of the student's and teacher's
+  softmax at T = 3 (probabilities clamped to [0.01, 0.99], as NVlabs' code); 1 - JS is small when
+  they disagree, so the inversion seeks images where the current student is wrong. It depends on the
+  student (and is exactly 1 for a student equal to the teacher).
+- After each Adam step the pixels are clipped to the valid image range.
+The crafted batches go to a bounded pool (``pool_size``, 0 = 2048 images, FIFO, uint8) and the
+student is trained by KD (KL(T||S) at ``kd_T``) on batches drawn from it.
+
+Mapping onto Algorithm 1: one generator step = one Adam step on the current batch; a batch is
+crafted for ``adi_craft_steps`` steps (0 = ``g_steps``, one batch per iteration; DeepInversion uses
+2000 at 224 px) before it joins the pool. Defaults follow DeepInversion's ImageNet (224 px) setting
+(lr 0.2, Adam betas (0.5, 0.9), r_feature 0.05, first BN x10, TV 1e-4, l2 1e-5, jitter 30 px,
+flips, competition 0.2); ``adi_jitter = 0`` scales the 30 px jitter with the image size
+(2 px at 32 px, as the CIFAR-10 script). See ``docs/decisions/baselines.md``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import bn_prior
+from .common import CraftingMethod, InputBatch, js_competition
+
+COMPETITION_T = 3.0  # NVlabs' Adaptive DeepInversion temperature
+
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's total variation (L2 version): sum of the norms of the four neighbour
+    differences of x (B, 3, H, W). 0-d fp32."""
+    x = x.float()
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return sum(torch.linalg.vector_norm(d) for d in (d1, d2, d3, d4))
+
+
+def jitter_size(cfg, image_size: int) -> int:
+    """``adi_jitter`` when set, else 30 px scaled to the image size (30 at 224, 2 at 32)."""
+    if cfg.adi_jitter > 0:
+        return cfg.adi_jitter
+    return 2 if image_size <= 32 else max(2, round(30 * image_size / 224))
+
+
+class ADI(CraftingMethod):
+    """Adaptive DeepInversion: BN-prior input optimisation with a teacher/student competition term."""
+
+    name = "adi"
+
+    def build(self) -> None:
+        self.setup_crafting(self.cfg.adi_craft_steps)
+        self.jitter = jitter_size(self.cfg, self.image_size)
+
+    def new_batch(self, n: int) -> InputBatch:
+        y = torch.randint(0, self.num_classes, (n,), device=self.device)
+        return InputBatch(self.noise(n), y, lr=self.cfg.adi_lr, betas=(0.5, 0.9))
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random jitter (roll) and horizontal flip of the whole batch (CPU RNG: no device sync)."""
+        lim = self.jitter
+        dx, dy = torch.randint(-lim, lim + 1, (2,)).tolist()
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        if torch.rand(()).item() < 0.5:
+            x = x.flip(3)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def competition_term(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """1 - JS(S(x) || T(x)) at T = 3: the adaptive term, minimised by the inputs."""
+        t = self.teacher_forward(x) if t_logits is None else t_logits
+        return js_competition(self.student(x), t, T=COMPETITION_T)
+
+    adversarial_term = competition_term
+
+    def craft_losses(self, batch: InputBatch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        xj = self.augment(batch.x)
+        with bn_prior(self.teacher, first_bn_multiplier=cfg.adi_first_bn_mul) as bn:
+            t = self.teacher_forward(xj)
+        out = {"ce": F.cross_entropy(t.float(), batch.targets), "bn": bn.loss(), "tv": tv_l2(xj),
+               "l2": torch.linalg.vector_norm(xj.float().flatten(1), dim=1).mean()}
+        loss = out["ce"] + cfg.adi_bn * out["bn"] + cfg.adi_tv * out["tv"] + cfg.adi_l2 * out["l2"]
+        if cfg.adi_competition > 0:
+            out["competition"] = self.competition_term(xj, t)
+            loss = loss + cfg.adi_competition * out["competition"]
+        out["loss"] = loss
+        return out

@@ -1,0 +1,241 @@
+"""The one interface every data-free distillation method implements.
+
+A method owns everything that trains (generator or synthetic inputs, the student, adapters,
+heads, attention modules, both optimisers, their schedules and counters); the frozen teacher is
+held but never checkpointed. ``generator_step`` and ``student_step`` are the two override points;
+``iteration`` is Algorithm 1: ``g_steps`` generator steps, then ``s_steps`` student steps.
+
+Fast path (CUDA): bf16 autocast, channels_last, no host synchronisation inside an iteration
+(losses stay tensors; the caller syncs every ``log_every`` iterations), student weight gradients
+off during generator steps, teacher gradients never, foreach/fused optimisers.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import DistillConfig
+from ..generator import to_teacher_input
+
+COUNTERS = ("iterations", "g_steps", "s_steps", "images_generated", "images_consumed", "teacher_forwards")
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class DistillMethod(nn.Module):
+    """Base class. Subclasses set up their modules in :meth:`build` and implement the two steps.
+
+    Args:
+        teacher: frozen classifier (``dfkd.models.FeatureNet``), kept in eval mode, never saved here.
+        student: the network to train (``FeatureNet``), randomly initialised.
+        cfg: the run's :class:`~dfkd.config.DistillConfig`.
+        num_classes: K. image_size: S of the synthetic images (B, 3, S, S).
+    """
+
+    name = "base"
+    uses_generator = True  # False for input-optimisation methods (ZSKD, ADI)
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig, *,
+                 num_classes: int, image_size: int, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.__dict__["teacher"] = teacher  # not a registered submodule: not in state_dict
+        self.student = student
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.counters = {k: 0 for k in COUNTERS}
+        teacher.eval()
+        set_requires_grad(teacher, False)
+        self.amp_dtype = self._amp_dtype(cfg.amp, self.device)
+        self.channels_last = bool(cfg.channels_last and self.device.type == "cuda")
+        self.g_opt: torch.optim.Optimizer | None = None
+        self.s_opt: torch.optim.Optimizer | None = None
+        self.s_sched = None
+        self.build()
+        self.to(self.device)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)
+        self.configure_optimizers()
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def build(self) -> None:
+        """Create the generator and auxiliary modules (registered as attributes)."""
+
+    def trainable_student_modules(self) -> list[nn.Module]:
+        """Modules the student optimiser updates (student + adapters, heads, ...)."""
+        return [self.student]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        gen = getattr(self, "generator", None)
+        return list(gen.parameters()) if gen is not None else []
+
+    def configure_optimizers(self) -> None:
+        """SGD for the student (lr 0.01, momentum 0.9, wd 5e-4, cosine over all epochs) and Adam
+        for the generator (lr 1e-3, betas (0.5, 0.99)), as Sec. 5.1 states. Each is created once
+        and kept for the whole run (a peer codebase re-created Adam every round)."""
+        cfg = self.cfg
+        params = [p for m in self.trainable_student_modules() for p in m.parameters() if p.requires_grad]
+        fast = {"foreach": True} if self.device.type == "cuda" else {}
+        self.s_opt = torch.optim.SGD(params, lr=cfg.lr_s, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay, **fast)
+        self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=max(1, cfg.epochs))
+        gparams = self.generator_parameters()
+        if gparams:
+            self.g_opt = torch.optim.Adam(gparams, lr=cfg.lr_g, betas=(cfg.g_beta1, cfg.g_beta2), **fast)
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    @staticmethod
+    def _amp_dtype(amp: str, device: torch.device):
+        if amp == "off":
+            return None
+        if amp == "bf16":
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cuda" else None  # auto
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def sample_z(self, n: int) -> torch.Tensor:
+        """z ~ N(0, I), (n, nz) (Sec. 3)."""
+        return torch.randn(n, self.cfg.nz, device=self.device)
+
+    def to_input(self, x_tanh: torch.Tensor) -> torch.Tensor:
+        """Generator output in [-1, 1] -> the teacher's normalised input space."""
+        x = to_teacher_input(x_tanh, self.cfg.output_map)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def generate(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, S, S) teacher-space images from the generator (with grad)."""
+        z = self.sample_z(n) if z is None else z
+        self.counters["images_generated"] += int(z.shape[0])
+        return self.to_input(self.generator(z))
+
+    @torch.no_grad()
+    def synthesize(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, S, S) synthetic images in the teacher's input space, without grad (for display
+        use ``dfkd.generator.from_teacher_input``). Generator BN is put in eval mode meanwhile."""
+        gen = self.generator
+        was = gen.training
+        gen.eval()
+        try:
+            z = self.sample_z(n) if z is None else z.to(self.device)
+            with self.autocast():
+                return self.to_input(gen(z)).float()
+        finally:
+            gen.train(was)
+
+    def teacher_forward(self, x: torch.Tensor, features: bool = False):
+        self.counters["teacher_forwards"] += int(x.shape[0])
+        return self.teacher.forward_features(x) if features else self.teacher(x)
+
+    @contextlib.contextmanager
+    def generator_phase(self):
+        """Student frozen (no weight grads; BN in eval unless configured otherwise) while G trains."""
+        s = self.student
+        was = s.training
+        set_requires_grad(s, False)
+        if self.cfg.student_bn_eval_in_g:
+            s.eval()
+        try:
+            yield
+        finally:
+            set_requires_grad(s, True)
+            s.train(was)
+
+    def iteration(self) -> dict[str, torch.Tensor]:
+        """Algorithm 1: ``g_steps`` generator steps, then ``s_steps`` student steps.
+
+        Returns the mean of each loss over its steps as 0-dim tensors (no host sync).
+        """
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def add(d):
+            for k, v in d.items():
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+                counts[k] = counts.get(k, 0) + 1
+
+        self.student.train()
+        if self.g_steps_per_iteration() > 0:
+            with self.generator_phase():
+                for _ in range(self.g_steps_per_iteration()):
+                    add({f"g_{k}": v for k, v in self.generator_step().items()})
+                    self.counters["g_steps"] += 1
+        for _ in range(self.cfg.s_steps):
+            add({f"s_{k}": v for k, v in self.student_step().items()})
+            self.counters["s_steps"] += 1
+        self.counters["iterations"] += 1
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def g_steps_per_iteration(self) -> int:
+        return self.cfg.g_steps if (self.g_opt is not None or not self.uses_generator) else 0
+
+    def epoch_end(self) -> None:
+        """Per-epoch schedule step (cosine annealing of the student's learning rate)."""
+        if self.s_sched is not None:
+            self.s_sched.step()
+
+    def budget(self) -> dict[str, int]:
+        """Equal-budget accounting: images generated/consumed, steps, teacher forward passes."""
+        return dict(self.counters)
+
+    def lr(self) -> dict[str, float]:
+        out = {"lr_s": self.s_opt.param_groups[0]["lr"]} if self.s_opt else {}
+        if self.g_opt is not None:
+            out["lr_g"] = self.g_opt.param_groups[0]["lr"]
+        return out
+
+    # ------------------------------------------------------------------ checkpointing
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything that trains: modules, optimisers, schedulers, counters (tensors/primitives)."""
+        state = {"modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
+                 "counters": dict(self.counters), "method": self.name}
+        if self.s_opt is not None:
+            state["s_opt"] = self.s_opt.state_dict()
+        if self.g_opt is not None:
+            state["g_opt"] = self.g_opt.state_dict()
+        if self.s_sched is not None:
+            state["s_sched"] = self.s_sched.state_dict()
+        state.update(self.extra_state())
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise ValueError(f"this checkpoint was written by method {state.get('method')!r}, not "
+                             f"{self.name!r}; use the run's own method or a new run_name")
+        try:
+            self.load_state_dict(state["modules"], strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint modules do not fit this {self.name} setup (another student "
+                             f"or generator architecture?): {str(e).splitlines()[0]}") from e
+        if self.s_opt is not None and "s_opt" in state:
+            self.s_opt.load_state_dict(state["s_opt"])
+        if self.g_opt is not None and "g_opt" in state:
+            self.g_opt.load_state_dict(state["g_opt"])
+        if self.s_sched is not None and "s_sched" in state:
+            self.s_sched.load_state_dict(state["s_sched"])
+        self.counters.update(state.get("counters", {}))
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific extra state (pools, memory banks, EMA copies)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,388 @@
+"""Pieces shared by the baseline methods (``zskd``, ``zskt``, ``dafl``, ``dfad``, ``adi``, ``dfq``,
+``mad``, ``cmi``); the paper's own method does not use them.
+
+Scope:
+- :class:`GeneratorBaseline`: a :class:`DistillMethod` with a DCGAN ``GeneratorB`` generator and
+  the online student step (fresh generator images, one loss function per method).
+- :class:`ImagePool`: bounded FIFO pool of synthetic images (uint8, like the PNG files CMI, ADI
+  and ZSKD write to disk), checkpointed through ``extra_state``.
+- :class:`InputBatch`: a batch of images optimised directly with Adam (ZSKD, ADI).
+- :class:`PooledMethod`: the student side of pool-based methods (KD on pool samples).
+- small losses: :func:`attention_map` / :func:`at_loss` (Zagoruyko & Komodakis), :func:`js_competition`
+  (Adaptive DeepInversion), :func:`random_resized_crop` (CMI's local view), :func:`clip_to_image`.
+
+Images are (B, 3, S, S) in the teacher's input space (ImageNet-normalised unless
+``output_map='raw_tanh'``) everywhere in this module unless a docstring says otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..generator import DCGANGenerator, from_teacher_input, to_teacher_input
+from ..losses import kd_loss
+from .base import DistillMethod
+
+# Pool capacity (images) when ``pool_size`` is 0. 2048 uint8 images are 308 MB at 224 px (on the
+# device and in state/last.pt), 6 MB at 32 px; see docs/decisions/baselines.md.
+DEFAULT_POOL_IMAGES = 2048
+
+
+def pool_capacity(cfg) -> int:
+    """``cfg.pool_size`` when set, else :data:`DEFAULT_POOL_IMAGES`; never below one batch."""
+    cap = cfg.pool_size if cfg.pool_size > 0 else DEFAULT_POOL_IMAGES
+    return max(cap, cfg.batch_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# image-space helpers
+# ------------------------------------------------------------------------------------------------
+def clip_to_image(x: torch.Tensor, output_map: str) -> torch.Tensor:
+    """Project teacher-space images onto the valid pixel range ([0, 1] before normalisation), as
+    DeepInversion's ``clip`` does after every step. Not differentiable (use on ``.data``)."""
+    return to_teacher_input(from_teacher_input(x, output_map) * 2.0 - 1.0, output_map)
+
+
+def random_flip(x: torch.Tensor) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2 (per sample)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_resized_crop(x: torch.Tensor, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Differentiable per-sample RandomResizedCrop + horizontal flip back to (S, S) (CMI's local
+    view; kornia's ``RandomResizedCrop(scale=[0.25, 1])`` in the original), via ``roi_align``."""
+    from torchvision.ops import roi_align
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(*scale)
+    logr = torch.empty(b, device=dev).uniform_(float(torch.log(torch.tensor(ratio[0]))),
+                                               float(torch.log(torch.tensor(ratio[1]))))
+    r = torch.exp(logr)
+    cw = (torch.sqrt(area * r) * w).clamp(2.0, w)
+    ch = (torch.sqrt(area / r) * h).clamp(2.0, h)
+    x0 = torch.rand(b, device=dev) * (w - cw)
+    y0 = torch.rand(b, device=dev) * (h - ch)
+    boxes = torch.stack([torch.arange(b, device=dev, dtype=x0.dtype), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return random_flip(out.to(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+# ------------------------------------------------------------------------------------------------
+def attention_map(f: torch.Tensor) -> torch.Tensor:
+    """Activation-based attention (Zagoruyko & Komodakis 2017): the channel mean of squared
+    activations, flattened and L2-normalised. f (B, C, H, W) -> (B, H*W) fp32."""
+    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def at_loss(ft: torch.Tensor, fs: torch.Tensor) -> torch.Tensor:
+    """Squared distance of the attention maps of one stage pair, averaged over batch and positions
+    (ZSKT's ``(at(x) - at(y)).pow(2).mean()``). The student map is bilinearly resized to the
+    teacher's spatial size when they differ; channel counts need not match (AT averages them out)."""
+    if fs.shape[-2:] != ft.shape[-2:]:
+        fs = F.interpolate(fs.float(), size=ft.shape[-2:], mode="bilinear", align_corners=False)
+    return (attention_map(ft) - attention_map(fs)).pow(2).mean()
+
+
+def stage_pairs(n_teacher: int, n_student: int, t_sizes: list, s_sizes: list) -> list[tuple[int, int]]:
+    """Index pairs (teacher stage, student stage) for attention transfer.
+
+    Same number of stages: pair them in order (ResNet -> ResNet, resized if needed). Otherwise pair
+    each student stage with the deepest teacher stage of the same spatial size; stages without a
+    partner are skipped (WRN40-2: 3 stages; MobileNetV2: other strides).
+    """
+    if n_teacher == n_student:
+        return list(zip(range(n_teacher), range(n_student)))
+    pairs = []
+    for j, size in enumerate(s_sizes):
+        same = [i for i, ts in enumerate(t_sizes) if ts == size]
+        if same:
+            pairs.append((same[-1], j))
+    return pairs
+
+
+def js_competition(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 3.0) -> torch.Tensor:
+    """Adaptive DeepInversion's competition term: ``1 - JS(P_s || P_t)`` at temperature T (the
+    NVlabs code: softmax at T=3, probabilities clamped to [0.01, 0.99], batch-mean KL to the
+    mixture M, result clamped to [0, 1]). Minimising it drives the inputs towards teacher/student
+    disagreement. 0-d fp32; equals 1 exactly when the student agrees with the teacher."""
+    p = F.softmax(s_logits.float() / T, dim=1)
+    q = F.softmax(t_logits.float() / T, dim=1)
+    m = 0.5 * (p + q)
+    p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
+    js = 0.5 * F.kl_div(p.log(), m, reduction="batchmean") + 0.5 * F.kl_div(q.log(), m, reduction="batchmean")
+    return 1.0 - js.clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded image pool
+# ------------------------------------------------------------------------------------------------
+class ImagePool:
+    """FIFO ring buffer of synthetic images, stored as uint8 in display space ([0, 1] * 255).
+
+    uint8 is what the originals keep (CMI, ADI and ZSKD write their synthetic images to disk as
+    PNG); it quarters the memory of fp32. Images go in and come out in the teacher's input space.
+    ``sample`` draws uniformly with the torch RNG of the pool's device, so a resumed run draws the
+    same batches. ``state()`` / ``load()`` hold the filled part of the buffer, the write pointer
+    and the size (CPU tensors / ints).
+
+    Args:
+        capacity: maximum number of images kept (the oldest are overwritten).
+        output_map: the run's ``output_map`` (how teacher space maps to pixels).
+        device: where the buffer lives (the method's device).
+    """
+
+    def __init__(self, capacity: int, output_map: str, device):
+        self.capacity = int(capacity)
+        self.output_map = output_map
+        self.device = torch.device(device)
+        self.images: torch.Tensor | None = None   # (capacity, 3, S, S) uint8, allocated on first add
+        self.size = 0
+        self.ptr = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (from_teacher_input(x.detach().float(), self.output_map) * 255.0).round().to(torch.uint8)
+
+    def decode(self, u8: torch.Tensor) -> torch.Tensor:
+        return to_teacher_input(u8.float() / 127.5 - 1.0, self.output_map)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Append a batch x (B, 3, S, S) (teacher space); overwrites the oldest when full."""
+        u8 = self.encode(x).to(self.device)
+        if self.images is None:
+            self.images = torch.zeros((self.capacity, *u8.shape[1:]), dtype=torch.uint8, device=self.device)
+        if u8.shape[0] > self.capacity:
+            u8 = u8[-self.capacity:]
+        n = u8.shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+        self.images.index_copy_(0, idx, u8)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """(n, 3, S, S) teacher-space images drawn uniformly with replacement."""
+        if self.size == 0:
+            raise RuntimeError("the image pool is empty")
+        idx = torch.randint(0, self.size, (n,), device=self.device)
+        return self.decode(self.images[idx])
+
+    def latest(self, n: int) -> torch.Tensor:
+        """The n most recently added images (repeated when the pool holds fewer), no RNG used."""
+        if self.size == 0:
+            raise RuntimeError("the image pool is empty")
+        k = torch.arange(n, device=self.device) % self.size
+        idx = (self.ptr - 1 - k) % self.capacity
+        return self.decode(self.images[idx])
+
+    def state(self) -> dict[str, Any]:
+        imgs = self.images[:self.size].cpu().clone() if self.images is not None else torch.zeros(0, dtype=torch.uint8)
+        return {"images": imgs, "ptr": self.ptr, "size": self.size, "capacity": self.capacity}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if int(state["size"]) > self.capacity:
+            raise ValueError(f"the checkpoint's pool holds {state['size']} images, more than this run's "
+                             f"capacity {self.capacity} (pool_size changed?)")
+        self.size, self.ptr = int(state["size"]), int(state["ptr"])
+        imgs = state["images"]
+        if self.size == 0:
+            self.images = None
+            return
+        self.images = torch.zeros((self.capacity, *imgs.shape[1:]), dtype=torch.uint8, device=self.device)
+        self.images[:self.size] = imgs.to(self.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# directly optimised inputs
+# ------------------------------------------------------------------------------------------------
+class InputBatch:
+    """A batch of synthetic images optimised directly by Adam (no generator).
+
+    Args:
+        x: (B, 3, S, S) initial images (teacher space); copied into a leaf tensor with grad.
+        targets: what the batch is optimised towards (class indices (B,) or soft labels (B, K)).
+        lr, betas: Adam settings of the inputs.
+    """
+
+    def __init__(self, x: torch.Tensor, targets: torch.Tensor, lr: float, betas=(0.9, 0.999)):
+        self.x = x.detach().clone().requires_grad_(True)
+        self.targets = targets
+        self.steps = 0
+        self.lr, self.betas = lr, tuple(betas)
+        self.opt = torch.optim.Adam([self.x], lr=lr, betas=self.betas)
+
+    def state(self) -> dict[str, Any]:
+        opt = self.opt.state_dict()
+        opt_state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                     for k, s in opt["state"].items()}
+        return {"x": self.x.detach().cpu().clone(), "targets": self.targets.detach().cpu().clone(),
+                "steps": self.steps, "opt": {"state": opt_state, "param_groups": opt["param_groups"]}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device) -> "InputBatch":
+        pg = state["opt"]["param_groups"][0]
+        batch = cls(state["x"].to(device), state["targets"].to(device), lr=pg["lr"], betas=pg["betas"])
+        batch.opt.load_state_dict(state["opt"])
+        batch.steps = int(state["steps"])
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# method skeletons
+# ------------------------------------------------------------------------------------------------
+class GeneratorBaseline(DistillMethod):
+    """A generative baseline: DCGAN ``GeneratorB`` (BN in the blocks, tanh output; init size S/16,
+    so 2 -> 32 px and 14 -> 224 px) and an online student step on fresh generator images.
+
+    Subclasses implement :meth:`generator_step` and :meth:`student_losses`.
+    """
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.generator = DCGANGenerator(nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, out="tanh")
+
+    def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms on teacher-space images x; must contain ``loss``."""
+        raise NotImplementedError
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self.autocast():
+            x = self.generate(self.cfg.batch_size)
+        return self.train_student_on(x)
+
+    def train_student_on(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            out = self.student_losses(x)
+        self.s_opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.s_opt.step()
+        self.counters["images_consumed"] += int(x.shape[0])
+        return {k: v.detach() for k, v in out.items()}
+
+    def kd_losses(self, x: torch.Tensor, T: float | None = None) -> dict[str, torch.Tensor]:
+        """Plain KD (Eq. 2, ``kd_T`` and ``kd_direction`` of the run unless T is given)."""
+        with torch.no_grad():
+            t = self.teacher_forward(x)
+        s = self.student(x)
+        kd = kd_loss(s, t, T=self.cfg.kd_T if T is None else T, direction=self.cfg.kd_direction)
+        return {"loss": kd, "kd": kd}
+
+
+class PooledMixin:
+    """Student side of pool-based methods: KD on images drawn from ``self.pool``.
+
+    Pool images are flipped at random per sample (the CMI/ADI student loaders flip); when the pool
+    is still empty (a crafted batch that spans several iterations) the student trains on the batch
+    being crafted. The pool and any in-progress batch are saved in ``extra_state``.
+    """
+
+    pool: ImagePool
+
+    def pool_batch(self) -> torch.Tensor:
+        n = self.cfg.batch_size
+        if len(self.pool) == 0:
+            x = self.fallback_batch(n)
+        else:
+            x = self.pool.sample(n)
+        x = random_flip(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def fallback_batch(self, n: int) -> torch.Tensor:
+        raise RuntimeError("the image pool is empty")
+
+    def pool_images(self, n: int) -> torch.Tensor:
+        """n teacher-space images for display: the newest pool images (no RNG drawn)."""
+        return self.pool.latest(n).float()
+
+
+class CraftingMethod(PooledMixin, DistillMethod):
+    """Input-optimisation methods (ZSKD, ADI): no generator; the synthetic batch is optimised.
+
+    One generator step = one Adam step on the batch being crafted (:meth:`new_batch` starts one,
+    :meth:`craft_losses` gives its loss); after ``craft_steps`` steps the batch joins the pool and
+    the next generator step starts a new one. Student steps run KD at :meth:`student_T` on pool
+    samples. The pool and the batch in progress (images, targets, Adam state, step) are saved in
+    ``extra_state``, so a resume continues the very same batch.
+    """
+
+    uses_generator = False
+
+    def setup_crafting(self, craft_steps: int) -> None:
+        self.pool = ImagePool(pool_capacity(self.cfg), self.cfg.output_map, self.device)
+        self.craft: InputBatch | None = None
+        self.craft_steps = craft_steps if craft_steps > 0 else self.cfg.g_steps
+
+    def noise(self, n: int) -> torch.Tensor:
+        """(n, 3, S, S) N(0, 1) noise in teacher space, clipped to the valid image range."""
+        x = torch.randn(n, 3, self.image_size, self.image_size, device=self.device)
+        return clip_to_image(x, self.cfg.output_map)
+
+    def new_batch(self, n: int) -> InputBatch:
+        raise NotImplementedError
+
+    def craft_losses(self, batch: InputBatch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def student_T(self) -> float:
+        return self.cfg.kd_T
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        if self.craft is None:
+            self.craft = self.new_batch(self.cfg.batch_size)
+            self.counters["images_generated"] += self.cfg.batch_size
+        b = self.craft
+        with self.autocast():
+            out = self.craft_losses(b)
+        b.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        b.opt.step()
+        with torch.no_grad():
+            b.x.copy_(clip_to_image(b.x, self.cfg.output_map))
+        b.steps += 1
+        if b.steps >= self.craft_steps:
+            self.pool.add(b.x)
+            self.craft = None
+        return {k: v.detach() for k, v in out.items()}
+
+    def fallback_batch(self, n: int) -> torch.Tensor:
+        if self.craft is None:
+            raise RuntimeError(f"{self.name}: nothing crafted yet (run a generator step first)")
+        return self.craft.x.detach()[:n]
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        x = self.pool_batch()
+        with self.autocast():
+            with torch.no_grad():
+                t = self.teacher_forward(x)
+            kd = kd_loss(self.student(x), t, T=self.student_T(), direction=self.cfg.kd_direction)
+        self.s_opt.zero_grad(set_to_none=True)
+        kd.backward()
+        self.s_opt.step()
+        self.counters["images_consumed"] += int(x.shape[0])
+        return {"loss": kd.detach(), "kd": kd.detach()}
+
+    @torch.no_grad()
+    def synthesize(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """n crafted images for display: the newest pool images, else the batch being crafted, else
+        clipped noise (RNG forked, so training is unaffected). ``z`` is ignored (no generator)."""
+        if len(self.pool):
+            return self.pool_images(n)
+        if self.craft is not None:
+            x = self.craft.x.detach()
+            return x[torch.arange(n, device=x.device) % x.shape[0]].float()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self.noise(n)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pool": self.pool.state(), "craft": self.craft.state() if self.craft is not None else None}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.pool.load(state["pool"])
+        self.craft = InputBatch.from_state(state["craft"], self.device) if state.get("craft") else None

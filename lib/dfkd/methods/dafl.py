@@ -1,0 +1,54 @@
+"""DAFL: Chen, Wang, Xu, Yang, Liu, Shi, Xu, Xu, Tian, "Data-Free Learning of Student Networks",
+ICCV 2019.
+
+Recipe:
+- Generator step (the teacher as a fixed discriminator; NO adversarial term — the student plays no
+  part in DAFL's generator objective, so there is no teacher/student divergence to test):
+    L_G = ``dafl_oh`` * L_oh + ``dafl_a`` * L_a + ``dafl_ie`` * L_ie, with
+    L_oh = cross-entropy of the teacher logits against their own argmax (one-hot loss),
+    L_a  = -mean |f_T(x)| (activation loss; f_T = teacher penultimate features),
+    L_ie = sum_k p_k log10 p_k, p = batch-mean teacher softmax (= -information entropy; the
+           official code uses log10, kept here). Weights 1 / 0.1 / 5 as DAFL's CIFAR setting.
+- Student step: KD, KL(T(x) || S(x)) at T = ``kd_T`` (DAFL's ``kdloss``, T = 1), on fresh generator
+  images (DAFL trains on the same batch right after the generator update; our loop keeps the
+  ``g_steps`` / ``s_steps`` split of Algorithm 1 and draws a fresh batch per student step).
+
+Chosen at FGVC scale (``docs/decisions/baselines.md``): DCGAN ``GeneratorB`` (init S/16) instead
+of DAFL's 32-px ``GeneratorA`` (whose last layer is a non-affine BN; here tanh + ImageNet mapping
+like every baseline); the shared optimisers (Adam for G, SGD for S).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import GeneratorBaseline
+
+
+class DAFL(GeneratorBaseline):
+    """Teacher-as-discriminator generator (one-hot, activation, information entropy) + KD."""
+
+    name = "dafl"
+
+    def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        t = self.teacher_forward(x, features=True)
+        logits = t.logits.float()
+        oh = F.cross_entropy(logits, logits.argmax(1))
+        act = -t.penultimate.float().abs().mean()
+        p = F.softmax(logits, dim=1).mean(0)
+        ie = (p * torch.log10(p.clamp_min(1e-12))).sum()
+        loss = cfg.dafl_oh * oh + cfg.dafl_a * act + cfg.dafl_ie * ie
+        return {"loss": loss, "oh": oh, "act": act, "ie": ie}
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            x = self.generate(self.cfg.batch_size)
+            out = self.generator_losses(x)
+        self.g_opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.g_opt.step()
+        return {k: v.detach() for k, v in out.items()}
+
+    def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.kd_losses(x)

@@ -1,0 +1,140 @@
+"""DFKD-FGVC (Shao et al., ICCV 2023): attention generator + MHAD + SFCL.
+
+Generator step (Eq. 10):  min_G  alpha * L_BN  -  L_KD
+Student step   (Eq. 11):  min_S  L_KD + beta * L_MHAD + gamma * L_SFCL
+
+with L_KD the KL divergence of Eq. 2, L_BN the BatchNorm-statistics prior of Eq. 3 on the frozen
+teacher, L_MHAD the mixed high-order attention distillation of Eq. 7 and L_SFCL the semantic
+feature contrastive loss of Eqs. 8-9. Every term can be switched off (Table 3) and every weight is
+a config field (Tables 4-5, Fig. 7). Design choices where the paper is silent are listed in
+``docs/decisions.md`` and selected by the config fields named there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..generator import AttentionGenerator
+from ..losses import ProjectionHead, bn_prior, build_mhad, kd_loss, mhad_loss, sfcl_loss
+from .base import DistillMethod
+
+
+class PenultimateAdapter(nn.Module):
+    """MLP with two hidden layers mapping student penultimate features (B, Ds, 1, 1) to the
+    teacher's width (B, Dt, 1, 1); used for heterogeneous students (Sec. 5.2, Table 2)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None):
+        super().__init__()
+        h = hidden or out_dim
+        self.net = nn.Sequential(nn.Conv2d(in_dim, h, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(h, h, 1), nn.ReLU(inplace=True), nn.Conv2d(h, out_dim, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def resolve_mhad_mode(cfg, teacher, student) -> str:
+    """``stages`` when teacher and student have the same number of stages (ResNet -> ResNet),
+    otherwise ``penultimate`` (WRN40-2, MobileNetV2 students; Sec. 5.2)."""
+    if cfg.mhad_mode != "auto":
+        return cfg.mhad_mode
+    return "stages" if len(teacher.stage_channels) == len(student.stage_channels) else "penultimate"
+
+
+class DFKDFGVC(DistillMethod):
+    """The paper's method (Algorithm 1)."""
+
+    name = "dfkd_fgvc"
+
+    def build(self) -> None:
+        cfg, t, s = self.cfg, self.teacher, self.student
+        self.generator = AttentionGenerator(
+            nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, lam=cfg.lam,
+            sam_reduction=cfg.sam_reduction, sam_softmax=cfg.sam_softmax,
+            deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0)
+        self.mhad_mode = resolve_mhad_mode(cfg, t, s)
+        if cfg.use_mhad:
+            if self.mhad_mode == "stages":
+                if len(t.stage_channels) != len(s.stage_channels):
+                    raise ValueError(f"mhad_mode='stages' needs as many stages in the student "
+                                     f"({s.arch}: {len(s.stage_channels)}) as in the teacher "
+                                     f"({t.arch}: {len(t.stage_channels)}); use mhad_mode='penultimate'")
+                tc, sc = list(t.stage_channels), list(s.stage_channels)
+            else:
+                tc, sc = [t.feature_dim], [s.feature_dim]
+            adapters, mhas, teacher_mhas = build_mhad(tc, sc, order=cfg.mha_order, mode=cfg.mha_mode,
+                                                       seed=cfg.seed)
+            if self.mhad_mode == "penultimate":
+                adapters = nn.ModuleList([PenultimateAdapter(s.feature_dim, t.feature_dim)])
+            self.adapters, self.mhas = adapters, mhas
+            self.teacher_mhas = teacher_mhas
+        if cfg.use_sfcl:
+            # one projection shared by both networks (a common space, Sec. 4.3); a linear map first
+            # brings a student of another width to the teacher's
+            self.student_to_teacher = (nn.Identity() if s.feature_dim == t.feature_dim
+                                       else nn.Linear(s.feature_dim, t.feature_dim))
+            self.projection = ProjectionHead(t.feature_dim, cfg.sfcl_dim)
+
+    def trainable_student_modules(self) -> list[nn.Module]:
+        mods = [self.student]
+        for name in ("adapters", "mhas", "student_to_teacher", "projection"):
+            if hasattr(self, name):
+                mods.append(getattr(self, name))
+        return mods
+
+    # ------------------------------------------------------------------ Eq. 10
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        self.generator.train()
+        with self.autocast():
+            x = self.generate(cfg.batch_size)
+            with bn_prior(self.teacher) as bn:
+                t_logits = self.teacher_forward(x)
+            s_logits = self.student(x)
+            l_bn = bn.loss()
+            l_kd = kd_loss(s_logits, t_logits, T=cfg.kd_T, direction=cfg.kd_direction)
+            loss = x.new_zeros((), dtype=torch.float32)
+            if cfg.use_bn:
+                loss = loss + cfg.alpha * l_bn
+            if cfg.use_adv:
+                loss = loss - l_kd
+        self.g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.g_opt.step()
+        return {"loss": loss, "bn": l_bn, "kd": l_kd}
+
+    # ------------------------------------------------------------------ Eq. 11
+    def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 11 terms on a batch of teacher-space images x (B, 3, S, S)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            t = self.teacher_forward(x, features=True)
+        s = self.student.forward_features(x)
+        out = {"kd": kd_loss(s.logits, t.logits, T=cfg.kd_T, direction=cfg.kd_direction)}
+        loss = out["kd"] if cfg.use_kd else out["kd"] * 0
+        if cfg.use_mhad:
+            if self.mhad_mode == "stages":
+                tf, sf = t.stages, s.stages
+            else:  # penultimate features as (B, D, 1, 1) maps
+                tf, sf = [t.penultimate[:, :, None, None]], [s.penultimate[:, :, None, None]]
+            out["mhad"] = mhad_loss(tf, sf, self.adapters, self.mhas, mode=cfg.mha_mode,
+                                    teacher_mhas=self.teacher_mhas)
+            loss = loss + cfg.beta * out["mhad"]
+        if cfg.use_sfcl:
+            zt = self.projection(t.penultimate.float())
+            zs = self.projection(self.student_to_teacher(s.penultimate.float()))
+            out["sfcl"] = sfcl_loss(zt, zs, tau=cfg.tau, symmetric=cfg.sfcl_symmetric)
+            loss = loss + cfg.gamma * out["sfcl"]
+        out["loss"] = loss
+        return out
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self.autocast():
+            x = self.generate(self.cfg.batch_size)
+        with self.autocast():
+            out = self.student_losses(x)
+        self.s_opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.s_opt.step()
+        self.counters["images_consumed"] += int(x.shape[0])
+        return out

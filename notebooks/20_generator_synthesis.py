@@ -1,0 +1,139 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 20 · Generator synthesis
+# The generator stage of Algorithm 1 on its own: the attention generator (Table 6) is trained for
+# `steps` steps on `alpha * L_BN - L_KD` (Eq. 10) against the frozen teacher and a fixed random student.
+# We watch the BN-prior and adversarial terms, the synthetic images, what the teacher predicts on them,
+# and the spatial attention maps of the SAM modules (Eqs. 4-6).
+#
+# **Inputs**: `runs/teacher/<teacher_run>/` ("" = random teacher, smoke only).
+# **Outputs**: `runs/synthesis/<run_name>/` (metrics, samples, attention maps, generator weights).
+
+# %% tags=["parameters"]
+dataset: str = 'toy_fgvc'                 # toy_fgvc | cub200 | cars196 | aircraft | pets
+data_root: str = ''                       # "" -> $DFKD_DATA -> <project>/data
+image_size: int = 32                      # px; the paper uses 224, the workbench 112/64/32
+toy_num_classes: int = 10                 # embedded dataset only
+toy_train_per_class: int = 60             # embedded dataset only
+toy_test_per_class: int = 30              # embedded dataset only
+cars_heldout_fraction: float = 0.2        # cars196 split="heldout"/"train_minus_heldout" only
+run_name: str = 'synthesis_dev'           # runs/viz/<run_name>/ keeps the tables this notebook writes
+method: str = 'dfkd_fgvc'                 # key of dfkd.methods.METHODS
+teacher_run: str = ''                     # runs/teacher/<teacher_run>; "" = random teacher (smoke only)
+teacher_arch: str = 'resnet_tiny_t'       # only used when teacher_run == ""
+student_arch: str = 'resnet_tiny_s'
+seed: int = 0
+device: str = 'auto'                      # auto | cpu | cuda | cuda:N
+epochs: int = 2
+iters_per_epoch: int = 5                  # "epoch" is undefined in the paper; 50 in peers (decisions.md)
+g_steps: int = 20                         # t
+s_steps: int = 15                         # k
+batch_size: int = 64
+lr_g: float = 0.001
+g_beta1: float = 0.5
+g_beta2: float = 0.99
+lr_s: float = 0.01
+momentum: float = 0.9
+weight_decay: float = 0.0005
+nz: int = 256
+ngf: int = 64                             # generator width: 8ngf->4ngf->2ngf->ngf->ngf (Table 6 at 64)
+lam: float = 0.05                         # Eq. 6
+sam_reduction: int = 4
+sam_softmax: str = 'spatial'              # spatial | spatial_scaled | channel
+deconv_kernel: int = 3                    # 3 (Table 6) | 4 (DCGAN)
+block_norm: str = 'none'                  # none (Table 6) | bn (DCGAN peers)
+output_map: str = 'imagenet'              # imagenet | raw_tanh
+alpha: float = 0.3
+beta: float = 10.0
+gamma: float = 8.0
+kd_T: float = 1.0
+kd_direction: str = 't_s'                 # t_s = KL(T||S) (peers) | s_t = KL(S||T) (Eq. 2 as written)
+tau: float = 0.07
+mha_order: int = 3                        # R
+mha_mode: str = 'frozen'                  # frozen | trainable | separate
+mhad_mode: str = 'auto'                   # auto | stages | penultimate
+sfcl_dim: int = 256
+sfcl_symmetric: bool = False
+use_bn: bool = True                       # Table 3 switches
+use_adv: bool = True
+use_kd: bool = True
+use_mhad: bool = True
+use_sfcl: bool = True
+student_bn_eval_in_g: bool = True         # student BN in eval mode during generator steps
+adi_tv: float = 2.5e-05                   # ADI total-variation prior weight
+adi_l2: float = 3e-08                     # ADI image L2 prior weight
+adi_first_bn_mul: float = 10.0            # ADI multiplier of the first BN layer's term
+adi_competition: float = 0.2              # ADI adaptive competition weight
+dafl_oh: float = 1.0                      # DAFL one-hot loss weight
+dafl_a: float = 0.1                       # DAFL activation loss weight
+dafl_ie: float = 5.0                      # DAFL information-entropy loss weight
+zskt_at: float = 250.0                    # ZSKT attention-transfer weight
+zskd_beta: float = 1.0                    # ZSKD Dirichlet concentration scale
+mad_momentum: float = 0.9                 # MAD EMA generator momentum
+cmi_contrast: float = 0.5                 # CMI contrastive weight
+cmi_bank_size: int = 4096                 # CMI memory bank (images)
+pool_size: int = 0                        # replay pool of synthetic images (0 = online, as the paper)
+test_batch_size: int = 128
+max_eval_batches: int = 0                 # 0 = the whole test split
+log_every: int = 1                        # iterations between metric rows (no host sync in between)
+checkpoint_every: int = 0                 # iterations between resume states (0 = end of each epoch only)
+sample_every: int = 1                     # epochs between sample grids
+amp: str = 'auto'                         # auto (bf16 on CUDA) | bf16 | off
+channels_last: bool = True                # CUDA only
+compile: bool = False
+num_workers: int = 2
+interactive: bool = False
+steps: int = 50                           # generator steps (Eq. 10) against a fixed random student
+n_samples: int = 32                       # images in the saved grid
+
+# %%
+import torch
+from dfkd import figures, synthesis, tracking
+from dfkd.config import SynthConfig, collect
+from dfkd.seed import resolve_device
+
+cfg = collect(SynthConfig, globals())
+run = tracking.start_run("synthesis", run_name, cfg, device=resolve_device(device))
+summary = synthesis.synthesize(cfg, run, progress=True)
+print({k: summary[k] for k in ("g_bn_last", "g_kd_last", "class_coverage", "num_classes", "teacher_confidence")})
+
+# %% [markdown]
+# BN-prior (Eq. 3) and adversarial KL (Eq. 2) terms over generator steps.
+
+# %%
+fig = figures.loss_terms_figure(run, prefixes=("g_",), x="step")
+
+# %% [markdown]
+# Synthetic images at fixed noise, titled with the teacher's predicted class.
+
+# %%
+from dfkd.viz.grids import attention_grid, image_grid
+
+samples = figures.run_samples(run)
+classes = figures.class_names(cfg)
+fig = image_grid(samples["images"][:n_samples], labels=[classes[i][:14] for i in samples["teacher_pred"][:n_samples]], nrow=8)
+
+# %% [markdown]
+# Spatial attention (channel-mean of `softmax(A_s)`) of each generator block for the first images.
+
+# %%
+att_path = run.samples_dir / "attention.pt"
+maps = torch.load(att_path, weights_only=True)["maps"] if att_path.exists() else []
+for i, m in enumerate(maps):
+    fig = attention_grid(m[:8], title=f"SAM block {i + 1}: {tuple(m.shape[1:])}")
+
+# %%
+if interactive and maps:
+    from dfkd.viz.widgets import browse_attention
+    display(browse_attention(samples["images"], maps[-1]))
