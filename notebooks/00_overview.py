@@ -60,6 +60,7 @@ cfg = DataConfig(dataset=dataset, image_size=image_size, data_root=data_root)
 cfg.num_workers, cfg.seed, cfg.batch_size = 0, 0, 64
 imgs, labels, classes = figures.real_images(cfg, n_images)
 fig = image_grid(imgs, labels=[classes[i] for i in labels], nrow=8, title=f"{dataset} test images")
+fig
 
 # %% [markdown]
 # Finished runs found under `runs/`:

@@ -66,9 +66,11 @@ print({k: summary[k] for k in ("arch", "dataset", "image_size", "epochs", "top1_
 
 # %%
 fig = figures.curves_figure([run], y="test_top1", title="teacher: test top-1 (%)")
+fig
 
 # %%
 fig = figures.curves_figure([run], y="train_loss", title="teacher: train loss")
+fig
 
 # %% [markdown]
 # Predictions of the trained teacher on a few test images (true / predicted class).
@@ -82,6 +84,7 @@ imgs01, labels, classes = figures.real_images(cfg, 16)
 with torch.no_grad():
     pred = model(figures.normalize(imgs01)).argmax(1).tolist()
 fig = image_grid(imgs01, labels=[f"{classes[t][:12]} / {classes[p][:12]}" for t, p in zip(labels, pred)], nrow=8)
+fig
 
 # %%
 if interactive:

@@ -71,19 +71,39 @@ use_kd: bool = True
 use_mhad: bool = True
 use_sfcl: bool = True
 student_bn_eval_in_g: bool = True         # student BN in eval mode during generator steps
-adi_tv: float = 2.5e-05                   # ADI total-variation prior weight
-adi_l2: float = 3e-08                     # ADI image L2 prior weight
-adi_first_bn_mul: float = 10.0            # ADI multiplier of the first BN layer's term
-adi_competition: float = 0.2              # ADI adaptive competition weight
+zskd_beta: float = 1.0                    # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
+zskd_T: float = 20.0                      # ZSKD softmax temperature (impressions and student KD)
+zskd_lr: float = 0.01                     # ZSKD Adam lr of the impressions
+zskd_craft_steps: int = 0                 # ZSKD Adam steps per impression batch (0 = g_steps; ZSKD: 1500)
+zskt_at: float = 250.0                    # ZSKT attention-transfer weight
 dafl_oh: float = 1.0                      # DAFL one-hot loss weight
 dafl_a: float = 0.1                       # DAFL activation loss weight
 dafl_ie: float = 5.0                      # DAFL information-entropy loss weight
-zskt_at: float = 250.0                    # ZSKT attention-transfer weight
-zskd_beta: float = 1.0                    # ZSKD Dirichlet concentration scale
+adi_bn: float = 0.05                      # ADI BN-statistics prior weight (DeepInversion r_feature, 224 px)
+adi_tv: float = 0.0001                    # ADI total-variation (L2) prior weight (224 px)
+adi_l2: float = 1e-05                     # ADI image L2 prior weight (224 px)
+adi_first_bn_mul: float = 10.0            # ADI multiplier of the first BN layer's term
+adi_competition: float = 0.2              # ADI adaptive competition weight
+adi_lr: float = 0.2                       # ADI Adam lr of the inputs (224 px)
+adi_jitter: int = 0                       # ADI max jitter in px (0 = 30 px scaled to image_size; 2 at 32)
+adi_craft_steps: int = 0                  # ADI Adam steps per batch (0 = g_steps; DeepInversion: 2000)
+dfq_bn: float = 1.0                       # DFQ BN prior weight
+dfq_adv: float = 1.0                      # DFQ adversarial (KL) weight
+dfq_oh: float = 1.0                       # DFQ one-hot (instance entropy) weight
+dfq_balance: float = 20.0                 # DFQ class-balance (batch entropy) weight
 mad_momentum: float = 0.9                 # MAD EMA generator momentum
-cmi_contrast: float = 0.5                 # CMI contrastive weight
-cmi_bank_size: int = 4096                 # CMI memory bank (images)
-pool_size: int = 0                        # replay pool of synthetic images (0 = online, as the paper)
+mad_bn: float = 1.0                       # MAD BN prior weight
+mad_ema_fraction: float = 0.5             # MAD share of each student batch from the EMA generator
+cmi_bn: float = 1.0                       # CMI BN prior weight
+cmi_oh: float = 0.5                       # CMI cross-entropy (to sampled targets) weight
+cmi_adv: float = 0.5                      # CMI adversarial (KL) weight
+cmi_adv_mask: bool = False                # CMI: adversarial KL only where S agrees with T (CMI's code)
+cmi_contrast: float = 0.8                 # CMI contrastive weight
+cmi_tau: float = 0.1                      # CMI contrastive temperature
+cmi_dim: int = 256                        # CMI projection head output size
+cmi_bank_size: int = 4096                 # CMI memory bank (rows of past image features)
+cmi_reset_generator: bool = False         # CMI: re-initialise G at every round start (CMI's code)
+pool_size: int = 0                        # pool of synthetic images (zskd/adi/cmi; 0 = 2048); others online
 test_batch_size: int = 128
 max_eval_batches: int = 0                 # 0 = the whole test split
 log_every: int = 1                        # iterations between metric rows (no host sync in between)
@@ -113,6 +133,7 @@ print({k: summary[k] for k in ("g_bn_last", "g_kd_last", "class_coverage", "num_
 
 # %%
 fig = figures.loss_terms_figure(run, prefixes=("g_",), x="step")
+fig
 
 # %% [markdown]
 # Synthetic images at fixed noise, titled with the teacher's predicted class.
@@ -123,6 +144,7 @@ from dfkd.viz.grids import attention_grid, image_grid
 samples = figures.run_samples(run)
 classes = figures.class_names(cfg)
 fig = image_grid(samples["images"][:n_samples], labels=[classes[i][:14] for i in samples["teacher_pred"][:n_samples]], nrow=8)
+fig
 
 # %% [markdown]
 # Spatial attention (channel-mean of `softmax(A_s)`) of each generator block for the first images.
@@ -131,7 +153,7 @@ fig = image_grid(samples["images"][:n_samples], labels=[classes[i][:14] for i in
 att_path = run.samples_dir / "attention.pt"
 maps = torch.load(att_path, weights_only=True)["maps"] if att_path.exists() else []
 for i, m in enumerate(maps):
-    fig = attention_grid(m[:8], title=f"SAM block {i + 1}: {tuple(m.shape[1:])}")
+    display(attention_grid(m[:8], title=f"SAM block {i + 1}: {tuple(m.shape[1:])}"))
 
 # %%
 if interactive and maps:

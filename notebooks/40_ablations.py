@@ -42,7 +42,7 @@ for name, (keys, rows) in tables.items():
 for key in ("beta", "gamma"):
     runs = figures.finished_runs("distill", prefix=f"{runs_prefix}{key}_")
     if runs:
-        fig = figures.sweep_figure(runs, key)
+        display(figures.sweep_figure(runs, key))
 
 # %%
 summary = run.finish({"tables": {k: len(v[1]) for k, v in tables.items()}})

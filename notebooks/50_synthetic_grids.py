@@ -35,6 +35,7 @@ print([r.name for r in runs])
 # %%
 fig = figures.synthetic_grid_figure(runs, figures.dataset_cfg_of(runs[0], data_root), n=n_images)
 fig.savefig(run.dir / "synthetic_grids.png", dpi=120)
+fig
 
 # %%
 if interactive:

@@ -39,6 +39,7 @@ print([r.name for r in runs])
 fig = figures.tsne_figure(runs, figures.dataset_cfg_of(runs[0], data_root), classes=tsne_classes, n=tsne_n,
                           perplexity=tsne_perplexity, seed=seed)
 fig.savefig(run.dir / "tsne.png", dpi=120)
+fig
 
 # %%
 summary = run.finish({"runs": [r.name for r in runs], "tsne_n": tsne_n})

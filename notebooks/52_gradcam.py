@@ -37,6 +37,7 @@ print([r.name for r in runs])
 for r in runs:
     fig = figures.gradcam_figure(r, figures.dataset_cfg_of(r, data_root), n=gradcam_images)
     fig.savefig(run.dir / f"gradcam_{r.name}.png", dpi=120)
+    display(fig)
 
 # %%
 if interactive:

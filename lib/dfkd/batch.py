@@ -319,6 +319,14 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                         raise BatchError(f"{where}: run_name comes from the job's `run` template")
                     values[k] = coerce(k, v, decl[k][0], where)
                     sources[k] = label
+            # string values of `set` may name other parameters, e.g. teacher_run: "r34_{dataset}"
+            for k, v in job.set.items():
+                if isinstance(values.get(k), str) and "{" in values[k] and sources.get(k) == "set":
+                    try:
+                        values[k] = values[k].format_map(values)
+                    except (KeyError, IndexError, ValueError) as e:
+                        raise BatchError(f"job {job.name!r}: set {k}={v!r} names a parameter the "
+                                         f"notebook does not declare: {e}") from e
             try:
                 run_name = job.run.format_map(values)
             except (KeyError, IndexError, ValueError) as e:

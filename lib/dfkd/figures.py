@@ -129,13 +129,19 @@ def write_table(rows: Sequence[dict], path, columns: Sequence[str] | None = None
     tracking.atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
 
 
+def _figure(size):
+    """A Figure outside pyplot: notebooks show it once (as a cell's value), scripts leak nothing."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=size)
+
+
 # --------------------------------------------------------------------------------------------
 # curves
 # --------------------------------------------------------------------------------------------
 def curves_figure(runs: Sequence[tracking.Run], y: str = "test_top1", x: str = "epoch", title: str = ""):
     """``y`` against ``x`` from each run's metrics.csv, one line per run."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    fig = _figure((5.0, 3.4))
+    ax = fig.subplots()
     for r in runs:
         rows = [m for m in r.metrics() if m.get(y) is not None and m.get(x) is not None]
         if rows:
@@ -152,9 +158,9 @@ def curves_figure(runs: Sequence[tracking.Run], y: str = "test_top1", x: str = "
 
 def loss_terms_figure(run: tracking.Run, prefixes: Sequence[str] = ("g_", "s_"), x: str = "iter"):
     """Every logged loss term of one run over iterations (generator and student panels)."""
-    import matplotlib.pyplot as plt
     rows = run.metrics()
-    fig, axes = plt.subplots(1, len(prefixes), figsize=(4.6 * len(prefixes), 3.2), squeeze=False)
+    fig = _figure((4.6 * len(prefixes), 3.2))
+    axes = fig.subplots(1, len(prefixes), squeeze=False)
     for ax, pre in zip(axes[0], prefixes):
         keys = sorted({k for r in rows for k in r if k.startswith(pre) and isinstance(r.get(k), (int, float))})
         for k in keys:
@@ -171,9 +177,9 @@ def loss_terms_figure(run: tracking.Run, prefixes: Sequence[str] = ("g_", "s_"),
 
 def sweep_figure(runs: Sequence[tracking.Run], key: str, baseline: float | None = None):
     """Student top-1 (last epoch) against one hyper-parameter (Fig. 7)."""
-    import matplotlib.pyplot as plt
     pts = sorted((r.params().get(key), r.summary().get("student_top1_last")) for r in runs)
-    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    fig = _figure((4.2, 3.2))
+    ax = fig.subplots()
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
     if baseline is not None:
@@ -323,7 +329,6 @@ def gradcam_arrays(run: tracking.Run, dataset_cfg, *, n: int = 4):
 
 def write_report(cfg) -> list:
     """Every figure and table of the report from run folders (notebook 90); returns the paths."""
-    import matplotlib.pyplot as plt
     from .paths import figures_dir
     from .viz.style import save_figure
     root = figures_dir(cfg.figures_root or None)
@@ -332,7 +337,6 @@ def write_report(cfg) -> list:
 
     def save(fig, name):
         written.extend(save_figure(fig, name, figures_root=root))
-        plt.close(fig)
 
     teachers = finished_runs("teacher", prefix=cfg.teacher_prefix)
     if teachers:

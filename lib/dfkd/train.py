@@ -197,7 +197,8 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
                               leave=False):
             if preload:
                 idx = next(batches)
-                x = data_mod.gpu_augment(images_u8[idx], train=True, image_size=cfg.image_size)
+                x = data_mod.gpu_augment(images_u8[idx], train=True, image_size=cfg.image_size,
+                                         scale=getattr(train_ds, "crop_scale", data_mod.CROP_SCALE))
                 y = labels[idx]
             else:
                 x, y = next(batches)
