@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -352,3 +353,55 @@ def test_bf16_autocast_iteration_runs_and_stays_finite(name):
     m = build(name, amp="bf16")
     losses = m.iteration()
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in losses.values()), losses
+
+
+# ------------------------------------------------------------------------------------------------
+# data parallel: this file doubles as the torchrun worker (`python tests/test_methods.py ddp OUT`)
+# ------------------------------------------------------------------------------------------------
+def _ddp_worker(out: str) -> None:
+    from dfkd import dist
+    torch.set_num_threads(1)
+    dist.init_distributed("gloo")
+    res = {}
+    for name in ALL:
+        m = build(name)
+        assert m.cfg.batch_size == 8 // dist.world_size()
+        losses = [m.iteration() for _ in range(2)]
+        res[name] = {"student": {k: v.clone() for k, v in m.student.state_dict().items()}, "budget": m.budget(),
+                     "finite": all(bool(torch.isfinite(v)) for d in losses for v in d.values())}
+    torch.save(res, f"{out}/rank{dist.rank()}.pt")
+    dist.cleanup()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_every_method_runs_data_parallel_on_two_ranks(tmp_path):
+    """2 ranks (gloo, CPU), global batch 8: losses finite, both ranks hold the same student, the
+    budget counts the global batch (as one process would)."""
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).resolve()), "ddp", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name in ALL:
+        assert r0[name]["finite"] and r1[name]["finite"], name
+        assert all(torch.equal(v, r1[name]["student"][k]) for k, v in r0[name]["student"].items()), name
+        single = build(name)
+        for _ in range(2):
+            single.iteration()
+        assert r0[name]["budget"] == single.budget(), name
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp":
+    _ddp_worker(sys.argv[2])

@@ -15,7 +15,7 @@ even under bf16 autocast. Choices the paper leaves open: ``docs/decisions/method
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -77,11 +77,16 @@ class BNPrior:
     Args:
         model: the network whose BN layers define the prior (the teacher).
         first_bn_multiplier: weight of the first BN layer's term (DeepInversion uses 10; 1 = Eq. 3).
+        reduce: optional differentiable mean over data-parallel ranks (``dfkd.dist.mean_across_ranks``)
+            applied to the stacked per-channel (mean, E[x^2]) before the variance is formed, so the
+            statistics are those of the global batch; None (default) = this process's batch only.
     """
 
-    def __init__(self, model: nn.Module, first_bn_multiplier: float = 1.0):
+    def __init__(self, model: nn.Module, first_bn_multiplier: float = 1.0, *,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
         self.first_bn_multiplier = float(first_bn_multiplier)
+        self.reduce = reduce
         self.layers = [m for m in model.modules()
                        if isinstance(m, _BN_TYPES) and m.running_mean is not None and m.running_var is not None]
         self._terms: dict[int, torch.Tensor] = {}
@@ -94,7 +99,11 @@ class BNPrior:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x = x.float()
                 mean = x.mean(dim=dims)
-                var = x.var(dim=dims, unbiased=False)             # BN normalises with biased var
+                if self.reduce is None:
+                    var = x.var(dim=dims, unbiased=False)         # BN normalises with biased var
+                else:                                             # global batch over ranks
+                    mean, sq = self.reduce(torch.stack([mean, (x * x).mean(dim=dims)])).unbind(0)
+                    var = (sq - mean * mean).clamp_min(0)
                 term = (torch.linalg.vector_norm(module.running_mean.float() - mean)
                         + torch.linalg.vector_norm(module.running_var.float() - var))   # Eq. 3
             self._terms[index] = term
@@ -143,9 +152,10 @@ class BNPrior:
         return total
 
 
-def bn_prior(model: nn.Module, first_bn_multiplier: float = 1.0) -> BNPrior:
+def bn_prior(model: nn.Module, first_bn_multiplier: float = 1.0, *,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BNPrior:
     """``with bn_prior(teacher) as bn: teacher(x)`` then ``bn.loss()`` (Eq. 3). See :class:`BNPrior`."""
-    return BNPrior(model, first_bn_multiplier)
+    return BNPrior(model, first_bn_multiplier, reduce=reduce)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +291,8 @@ def _anchor_ce(anchors: torch.Tensor, z: torch.Tensor, self_offset: int, pos_off
 
 
 def sfcl_loss(teacher_z: torch.Tensor, student_z: torch.Tensor, tau: float = 0.07,
-              symmetric: bool = False) -> torch.Tensor:
+              symmetric: bool = False, *, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              rank: int = 0) -> torch.Tensor:
     """SFCL (Eq. 9): NT-Xent with teacher anchors.
 
     Args:
@@ -293,6 +304,11 @@ def sfcl_loss(teacher_z: torch.Tensor, student_z: torch.Tensor, tau: float = 0.0
     candidates are all 2N - 1 representations other than t_i (the other N - 1 teachers and N - 1
     students are the 2(N - 1) negatives); the loss is the mean over i of
     ``-log(exp(sim(t_i, s_i)/tau) / sum_{z != t_i} exp(sim(t_i, z)/tau))``. Returns 0-d fp32.
+
+    Data-parallel: ``gather`` (``dfkd.dist.gather_rows``, differentiable) concatenates every rank's
+    normalised rows in rank order; this rank's N rows are the anchors (at ``rank * N`` of the
+    global batch) and the candidates are the whole global batch, so the mean over ranks of the
+    returned values equals the single-process loss on the global batch.
     """
     if teacher_z.shape != student_z.shape or teacher_z.dim() != 2:
         raise ValueError(f"teacher_z and student_z must both be (N, D); got {tuple(teacher_z.shape)} "
@@ -301,10 +317,15 @@ def sfcl_loss(teacher_z: torch.Tensor, student_z: torch.Tensor, tau: float = 0.0
     with torch.autocast(device_type=teacher_z.device.type, enabled=False):
         t = F.normalize(teacher_z.float(), dim=1)
         s = F.normalize(student_z.float(), dim=1)
-        z = torch.cat([t, s], dim=0)                                  # (2N, D): teachers, then students
-        loss = _anchor_ce(t, z, self_offset=0, pos_offset=n, tau=tau)     # Eq. 9
+        if gather is None:
+            z = torch.cat([t, s], dim=0)                              # (2N, D): teachers, then students
+            own, total = 0, n
+        else:                                                         # global batch of all ranks
+            z = torch.cat([gather(t), gather(s)], dim=0)
+            own, total = rank * n, z.shape[0] // 2
+        loss = _anchor_ce(t, z, self_offset=own, pos_offset=total + own, tau=tau)     # Eq. 9
         if symmetric:
-            loss = 0.5 * (loss + _anchor_ce(s, z, self_offset=n, pos_offset=0, tau=tau))
+            loss = 0.5 * (loss + _anchor_ce(s, z, self_offset=total + own, pos_offset=own, tau=tau))
     return loss
 
 

@@ -7,6 +7,10 @@ student on the real test split once per epoch (the paper's protocol; we report t
 well as the best). Both loops write their run folder (``dfkd.tracking``) and resume from
 ``state/last.pt`` after a kill: re-running the same call continues where the last state was
 written and ends with the same weights as an uninterrupted run.
+
+Under ``torchrun`` (``python -m dfkd.dist``) both loops are data parallel: ``batch_size`` is the
+global batch split over the ranks, gradients are averaged, BatchNorm statistics are global, rank 0
+alone evaluates and writes the run folder, and every rank reads the resume state.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import dist
 from .config import DistillConfig, TeacherConfig, to_dict
 from .losses import check_finite
 from .methods import create_method
+from .methods.base import make_optimizer
 from .models import create_model
 from .seed import resolve_device, rng_state, seed_everything, set_rng_state
 from .tracking import Run, load_into, load_weights, open_run
@@ -40,8 +46,22 @@ def eval_split(dataset: str) -> str:
     return EVAL_SPLIT.get(dataset, "test")
 
 
+def _rank0_run(run: Run) -> Run:
+    """Only rank 0 writes the run folder (whatever the caller passed to ``start_run``)."""
+    if not dist.is_main():
+        run.write = False
+    return run
+
+
+def _setup_device(name: str) -> torch.device:
+    device = dist.rank_device(resolve_device(name))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # fixed shapes: fastest conv algorithms
+    return device
+
+
 def _progress(iterable, enabled: bool, **kw):
-    if not enabled:
+    if not enabled or not dist.is_main():
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, **kw)
@@ -129,13 +149,19 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
     """
     if run.is_finished():
         return run.summary()
-    device = resolve_device(cfg.device)
+    device = _setup_device(cfg.device)
+    run = _rank0_run(run)
+    progress = progress and dist.is_main()
+    ws, rank = dist.world_size(), dist.rank()
+    b = dist.local_batch_size(cfg.batch_size) if ws > 1 else cfg.batch_size   # this rank's share
     seed_everything(cfg.seed)
     train_ds = data_mod.create_dataset(cfg.dataset, cfg.data_root or None, split=train_split(cfg.dataset),
                                        image_size=cfg.image_size, train=True, **data_mod.dataset_kwargs(cfg))
     test_ds, test_loader = eval_loader(cfg)
     classes = train_ds.classes
-    model = build_model(cfg.arch, len(classes), cfg.image_size, pretrained=cfg.pretrained).to(device)
+    model = build_model(cfg.arch, len(classes), cfg.image_size, pretrained=cfg.pretrained)
+    model = dist.convert_batchnorm(model).to(device)    # several ranks: BN over the global batch
+    dist.broadcast_module(model)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -154,9 +180,8 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
-    fast = {"foreach": True} if device.type == "cuda" else {}
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=True, **fast)
+    opt = make_optimizer(torch.optim.SGD, model.parameters(), device, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, nesterov=True)   # averages gradients over ranks
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
@@ -186,9 +211,16 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
         if preload:
             order = torch.randperm(len(labels), generator=loader_gen).to(device)
             batches = ((order[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(steps_per_epoch))
-        else:
+        elif ws == 1:
             loader = data_mod.make_loader(train_ds, cfg.batch_size, train=True, num_workers=cfg.num_workers,
                                           seed=int(torch.randint(0, 2**31 - 1, (1,), generator=loader_gen)))
+            batches = iter(loader)
+        else:   # this rank's rows of every global batch of a seeded permutation
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=loader_gen))
+            order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))
+            mine = order[:steps_per_epoch * cfg.batch_size].view(steps_per_epoch, ws, b)[:, rank].reshape(-1)
+            loader = data_mod.make_loader(torch.utils.data.Subset(train_ds, mine.tolist()), b, train=False,
+                                          num_workers=cfg.num_workers, seed=seed + rank, drop_last=True)
             batches = iter(loader)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -200,6 +232,8 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
                 x = data_mod.gpu_augment(images_u8[idx], train=True, image_size=cfg.image_size,
                                          scale=getattr(train_ds, "crop_scale", data_mod.CROP_SCALE))
                 y = labels[idx]
+                if ws > 1:   # the global batch is augmented alike on every rank; keep this rank's rows
+                    x, y = x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
             else:
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -215,25 +249,30 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
+        if ws > 1:
+            loss_sum = dist.all_reduce_mean(loss_sum)
+            correct, seen = dist.all_reduce_sum(correct), seen * ws
         train_loss = loss_sum.item() / steps_per_epoch
         check_finite({"train_loss": torch.tensor(train_loss)}, f"teacher epoch {epoch + 1}")
         row = {"epoch": epoch, "train_loss": train_loss, "train_top1": 100.0 * correct.item() / seen,
                "lr": opt.param_groups[0]["lr"], "time_s": time.time() - t0}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            ev = evaluate(model, test_loader, device, amp=cfg.amp)
+            ev = dist.on_main(lambda: evaluate(model, test_loader, device, amp=cfg.amp))
             row.update(test_top1=ev["top1"], test_loss=ev["loss"])
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "epoch": epoch}
                 run.save_weights("best", model, _weights_meta(model, cfg, classes, {"top1": ev["top1"], "epoch": epoch}))
         run.log(row)
         history.append(row)
-        run.save_state({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "rng": rng_state(), "epoch": epoch, "best": best, "arch": cfg.arch})
+        if run.write:
+            run.save_state({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "rng": rng_state(), "epoch": epoch, "best": best, "arch": cfg.arch})
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.3f}  "
                   + (f"test top1 {row['test_top1']:.2f}%" if "test_top1" in row else ""), flush=True)
         for cb in callbacks or []:
             cb(epoch, row)
+    dist.barrier()   # rank 0 has written metrics.csv
     rows = run.metrics()
     last = [r for r in rows if r.get("test_top1") is not None][-1]
     run.save_weights("last", model, _weights_meta(model, cfg, classes, {"top1": last["test_top1"], "epoch": cfg.epochs - 1}))
@@ -279,7 +318,9 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
     """
     if run.is_finished():
         return run.summary()
-    device = resolve_device(cfg.device)
+    device = _setup_device(cfg.device)
+    run = _rank0_run(run)
+    progress = progress and dist.is_main()
     seed_everything(cfg.seed)
     test_ds, test_loader = eval_loader(cfg)
     classes = test_ds.classes
@@ -300,7 +341,8 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
                            image_size=cfg.image_size, device=device)
     if method_hook is not None:
         method_hook(method)
-    teacher_eval = evaluate(teacher, test_loader, device, max_batches=cfg.max_eval_batches, amp=cfg.amp)
+    teacher_eval = dist.on_main(lambda: evaluate(teacher, test_loader, device, max_batches=cfg.max_eval_batches,
+                                                 amp=cfg.amp))
 
     gen_seed = torch.Generator().manual_seed(cfg.seed + 12345)
     fixed_z = torch.randn(min(64, cfg.batch_size * 4), cfg.nz, generator=gen_seed)
@@ -314,8 +356,9 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
         run.truncate_metrics(lambda r: r.get("iter") is not None and r["iter"] < start_it)
 
     def save_state(global_iter: int, elapsed: float):
-        run.save_state({"method": method.checkpoint_state(), "rng": rng_state(), "global_iter": global_iter,
-                        "best": best, "elapsed_s": elapsed})
+        if run.write:
+            run.save_state({"method": method.checkpoint_state(), "rng": rng_state(), "global_iter": global_iter,
+                            "best": best, "elapsed_s": elapsed})
 
     total_iters = cfg.epochs * cfg.iters_per_epoch
     t0 = time.time() - elapsed0
@@ -330,14 +373,15 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
         end_of_epoch = (it + 1) % cfg.iters_per_epoch == 0
         row = None
         if (it + 1) % cfg.log_every == 0 or end_of_epoch:
-            means = {k: v / acc_n for k, v in acc_sum.items()}
+            means = dist.all_reduce_mean_dict({k: v / acc_n for k, v in acc_sum.items()})   # over ranks
             check_finite(means, f"{cfg.method} iteration {it + 1}")  # one host sync per log step
             row = {"iter": it, "epoch": epoch, **{k: float(v) for k, v in means.items()}, **method.lr(),
                    "time_s": time.time() - t0}
             acc_sum, acc_n = {}, 0
         if end_of_epoch:
             method.epoch_end()
-            ev = evaluate(method.student, test_loader, device, max_batches=cfg.max_eval_batches, amp=cfg.amp)
+            ev = dist.on_main(lambda: evaluate(method.student, test_loader, device,
+                                               max_batches=cfg.max_eval_batches, amp=cfg.amp))
             row.update(test_top1=ev["top1"], test_loss=ev["loss"], **method.budget())
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "epoch": epoch}
@@ -354,6 +398,7 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
             for cb in callbacks or []:
                 cb(it, row)
     elapsed = time.time() - t0
+    dist.barrier()   # rank 0 has written metrics.csv
     rows = run.metrics()
     evals = [r for r in rows if r.get("test_top1") is not None]
     meta = _weights_meta(method.student, cfg, classes, {"top1": evals[-1]["test_top1"], "method": cfg.method,

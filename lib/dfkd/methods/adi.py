@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import bn_prior
-from .common import CraftingMethod, InputBatch, js_competition
+from .common import CraftingMethod, InputBatch, js_competition, rank_share
 
 COMPETITION_T = 3.0  # NVlabs' Adaptive DeepInversion temperature
 
@@ -65,7 +65,7 @@ class ADI(CraftingMethod):
         self.jitter = jitter_size(self.cfg, self.image_size)
 
     def new_batch(self, n: int) -> InputBatch:
-        y = torch.randint(0, self.num_classes, (n,), device=self.device)
+        y = rank_share(self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device), n)
         return InputBatch(self.noise(n), y, lr=self.cfg.adi_lr, betas=(0.5, 0.9))
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,25 +7,60 @@ held but never checkpointed. ``generator_step`` and ``student_step`` are the two
 
 Fast path (CUDA): bf16 autocast, channels_last, no host synchronisation inside an iteration
 (losses stay tensors; the caller syncs every ``log_every`` iterations), student weight gradients
-off during generator steps, teacher gradients never, foreach/fused optimisers.
+off during generator steps, teacher gradients never, fused optimisers (foreach where fused is
+unavailable), opt-in ``torch.compile`` of the forward passes (``cfg.compile``). Measured by
+``python -m dfkd.bench``; see ``docs/decisions/speed.md``.
+
+Data parallel (under torchrun, ``dfkd.dist``): ``self.cfg.batch_size`` is this rank's share of the
+configured global batch, :meth:`sample_z` slices the global noise batch, train-mode BatchNorm uses
+global statistics and gradients are averaged over ranks before every optimiser step.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..config import DistillConfig
 from ..generator import to_teacher_input
 
 COUNTERS = ("iterations", "g_steps", "s_steps", "images_generated", "images_consumed", "teacher_forwards")
+IMAGE_COUNTERS = ("images_generated", "images_consumed", "teacher_forwards")   # per rank under DDP
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
+
+
+def make_optimizer(cls, params, device: torch.device, impl: str = "auto", **kw) -> torch.optim.Optimizer:
+    """``cls(params, **kw)`` with the multi-tensor implementation for ``device``.
+
+    ``impl``: ``auto`` (CUDA: fused, falling back to foreach where fused is unsupported; CPU:
+    PyTorch's default), ``fused``, ``foreach`` or ``plain`` (the single-tensor loop, the reference
+    of ``dfkd.bench``). The implementations compute the same update up to rounding.
+
+    Data parallel (``dfkd.dist``, more than one rank): the optimiser averages its parameters'
+    gradients over the ranks just before every step (a step pre-hook); one rank: nothing added.
+    """
+    params = list(params)
+    if impl == "auto":
+        impl = "fused" if torch.device(device).type == "cuda" else "default"
+    opt = None
+    if impl == "fused":
+        try:
+            opt = cls(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            impl = "foreach"
+    if opt is None:
+        extra = {"foreach": {"foreach": True}, "plain": {"foreach": False}, "default": {}}[impl]
+        opt = cls(params, **extra, **kw)
+    dist.average_gradients_on_step(opt)
+    return opt
 
 
 class DistillMethod(nn.Module):
@@ -40,10 +75,16 @@ class DistillMethod(nn.Module):
 
     name = "base"
     uses_generator = True  # False for input-optimisation methods (ZSKD, ADI)
+    optim_impl = "auto"    # make_optimizer(impl=...); the bench's fp32 reference sets "plain"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig, *,
                  num_classes: int, image_size: int, device: torch.device | str = "cpu"):
         super().__init__()
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        if self.world_size > 1:   # cfg.batch_size is the global batch; this rank makes its share
+            cfg = dataclasses.replace(cfg, batch_size=dist.local_batch_size(cfg.batch_size))
+        # data parallel: BN prior statistics averaged over ranks (None: this process's batch)
+        self.stat_reduce = dist.mean_across_ranks if self.world_size > 1 else None
         self.__dict__["teacher"] = teacher  # not a registered submodule: not in state_dict
         self.student = student
         self.cfg = cfg
@@ -59,11 +100,19 @@ class DistillMethod(nn.Module):
         self.s_opt: torch.optim.Optimizer | None = None
         self.s_sched = None
         self.build()
+        if self.world_size > 1:   # train-mode BN of student, generator, SAM, MHA: global statistics
+            dist.convert_batchnorm(self)
         self.to(self.device)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
             teacher.to(memory_format=torch.channels_last)
-        self.configure_optimizers()
+        self.configure_optimizers()   # make_optimizer: gradients averaged over ranks at each step
+        if self.world_size > 1:        # identical start on every rank
+            dist.broadcast_module(self)
+            dist.broadcast_module(teacher)
+        self.__dict__["_teacher_features"] = None   # compiled hook-free teacher feature pass
+        if cfg.compile:
+            self.compile_models()
 
     # ------------------------------------------------------------------ hooks for subclasses
     def build(self) -> None:
@@ -83,13 +132,13 @@ class DistillMethod(nn.Module):
         and kept for the whole run (a peer codebase re-created Adam every round)."""
         cfg = self.cfg
         params = [p for m in self.trainable_student_modules() for p in m.parameters() if p.requires_grad]
-        fast = {"foreach": True} if self.device.type == "cuda" else {}
-        self.s_opt = torch.optim.SGD(params, lr=cfg.lr_s, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay, **fast)
+        self.s_opt = make_optimizer(torch.optim.SGD, params, self.device, self.optim_impl, lr=cfg.lr_s,
+                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=max(1, cfg.epochs))
         gparams = self.generator_parameters()
         if gparams:
-            self.g_opt = torch.optim.Adam(gparams, lr=cfg.lr_g, betas=(cfg.g_beta1, cfg.g_beta2), **fast)
+            self.g_opt = make_optimizer(torch.optim.Adam, gparams, self.device, self.optim_impl,
+                                        lr=cfg.lr_g, betas=(cfg.g_beta1, cfg.g_beta2))
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -112,8 +161,16 @@ class DistillMethod(nn.Module):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def sample_z(self, n: int) -> torch.Tensor:
-        """z ~ N(0, I), (n, nz) (Sec. 3)."""
-        return torch.randn(n, self.cfg.nz, device=self.device)
+        """z ~ N(0, I), (n, nz) (Sec. 3).
+
+        Data parallel: the global batch of ``n * world_size`` rows is drawn from the global RNG
+        (seeded alike on every rank) and this rank keeps rows ``rank*n:(rank+1)*n``, so the ranks
+        together use the noise one process would draw, and their RNG states stay equal.
+        """
+        if self.world_size == 1:
+            return torch.randn(n, self.cfg.nz, device=self.device)
+        z = torch.randn(n * self.world_size, self.cfg.nz, device=self.device)
+        return z[self.rank * n:(self.rank + 1) * n]
 
     def to_input(self, x_tanh: torch.Tensor) -> torch.Tensor:
         """Generator output in [-1, 1] -> the teacher's normalised input space."""
@@ -142,7 +199,30 @@ class DistillMethod(nn.Module):
 
     def teacher_forward(self, x: torch.Tensor, features: bool = False):
         self.counters["teacher_forwards"] += int(x.shape[0])
-        return self.teacher.forward_features(x) if features else self.teacher(x)
+        if features:
+            fn = self._teacher_features
+            if fn is not None and not any(m._forward_hooks for m in self.teacher.modules()):
+                return fn(x)    # compiled, only while no hook (BN prior) watches the teacher
+            return self.teacher.forward_features(x)
+        return self.teacher(x)
+
+    def compile_models(self) -> None:
+        """``torch.compile`` the student's and generator's forward passes and the teacher's feature
+        pass (``cfg.compile``, opt-in).
+
+        The compiled functions replace ``forward`` / ``forward_features`` as instance attributes,
+        so module structure and state_dict keys are unchanged. The teacher's ``forward`` stays
+        eager: the BN prior (Eq. 3) adds and removes forward hooks on it at every generator step,
+        and a compiled graph does not see hooks added after it was traced. The compiled teacher
+        feature pass is used only while the teacher carries no forward hook.
+        """
+        for m in (self.student, getattr(self, "generator", None)):
+            if m is None:
+                continue
+            if hasattr(m, "forward_features"):
+                m.forward_features = torch.compile(m.forward_features)
+            m.forward = torch.compile(m.forward)
+        self.__dict__["_teacher_features"] = torch.compile(self.teacher.forward_features)
 
     @contextlib.contextmanager
     def generator_phase(self):
@@ -192,8 +272,11 @@ class DistillMethod(nn.Module):
             self.s_sched.step()
 
     def budget(self) -> dict[str, int]:
-        """Equal-budget accounting: images generated/consumed, steps, teacher forward passes."""
-        return dict(self.counters)
+        """Equal-budget accounting: images generated/consumed, steps, teacher forward passes.
+
+        Image counts are global: data parallel, each rank counts its own share (``self.counters``)
+        and the W equal shares are summed here."""
+        return {k: v * self.world_size if k in IMAGE_COUNTERS else v for k, v in self.counters.items()}
 
     def lr(self) -> dict[str, float]:
         out = {"lr_s": self.s_opt.param_groups[0]["lr"]} if self.s_opt else {}
@@ -205,7 +288,7 @@ class DistillMethod(nn.Module):
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything that trains: modules, optimisers, schedulers, counters (tensors/primitives)."""
         state = {"modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
-                 "counters": dict(self.counters), "method": self.name}
+                 "counters": self.budget(), "method": self.name}   # global counts: any world size resumes
         if self.s_opt is not None:
             state["s_opt"] = self.s_opt.state_dict()
         if self.g_opt is not None:
@@ -230,7 +313,8 @@ class DistillMethod(nn.Module):
             self.g_opt.load_state_dict(state["g_opt"])
         if self.s_sched is not None and "s_sched" in state:
             self.s_sched.load_state_dict(state["s_sched"])
-        self.counters.update(state.get("counters", {}))
+        self.counters.update({k: v // self.world_size if k in IMAGE_COUNTERS else v
+                              for k, v in state.get("counters", {}).items()})
         self.load_extra_state(state)
 
     def extra_state(self) -> dict[str, Any]:

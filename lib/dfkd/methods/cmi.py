@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..generator import dcgan_init
 from ..losses import bn_prior, kd_loss
-from .common import GeneratorBaseline, ImagePool, PooledMixin, pool_capacity, random_resized_crop
+from .common import GeneratorBaseline, ImagePool, PooledMixin, pool_capacity, random_resized_crop, rank_share
 
 
 class MLPHead(nn.Module):
@@ -119,7 +119,8 @@ class CMI(PooledMixin, GeneratorBaseline):
             dcgan_init(self.generator)
             for p in self.generator.parameters():
                 self.g_opt.state.pop(p, None)
-        self.round_targets = torch.randint(0, self.num_classes, (cfg.batch_size,), device=self.device)
+        self.round_targets = rank_share(
+            self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device), cfg.batch_size)
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -128,7 +129,7 @@ class CMI(PooledMixin, GeneratorBaseline):
         y = self.round_targets
         with self.autocast():
             x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher) as bn:
+            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
                 t = self.teacher_forward(x, features=True)
             l_bn = bn.loss()
             oh = F.cross_entropy(t.logits.float(), y)

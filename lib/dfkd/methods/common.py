@@ -30,6 +30,23 @@ from .base import DistillMethod
 DEFAULT_POOL_IMAGES = 2048
 
 
+def rank_share(method, draw, n: int) -> torch.Tensor:
+    """This rank's n rows of ``draw(n * world_size)`` (data parallel: the ranks together use what
+    one process would draw, and their RNG states stay equal, as ``DistillMethod.sample_z``)."""
+    ws = getattr(method, "world_size", 1)
+    if ws == 1:
+        return draw(n)
+    r = method.rank
+    return draw(n * ws)[r * n:(r + 1) * n]
+
+
+def batch_mean(method, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a batch statistic) averaged over data-parallel ranks (differentiable; identity on one
+    process), so batch-level terms (class balance, entropy) see the global batch."""
+    reduce = getattr(method, "stat_reduce", None)
+    return t if reduce is None else reduce(t)
+
+
 def pool_capacity(cfg) -> int:
     """``cfg.pool_size`` when set, else :data:`DEFAULT_POOL_IMAGES`; never below one batch."""
     cap = cfg.pool_size if cfg.pool_size > 0 else DEFAULT_POOL_IMAGES
@@ -314,6 +331,11 @@ class CraftingMethod(PooledMixin, DistillMethod):
 
     uses_generator = False
 
+    # Data parallel: every rank crafts its own share of the global batch (noise and targets are
+    # rank slices of one global draw) with its own Adam; the BN prior uses this rank's batch
+    # statistics (as DeepInversion's multi-GPU runs: one independent batch per GPU), and each rank
+    # keeps its own pool. Only rank 0 writes the checkpoint (its pool).
+
     def setup_crafting(self, craft_steps: int) -> None:
         self.pool = ImagePool(pool_capacity(self.cfg), self.cfg.output_map, self.device)
         self.craft: InputBatch | None = None
@@ -321,7 +343,7 @@ class CraftingMethod(PooledMixin, DistillMethod):
 
     def noise(self, n: int) -> torch.Tensor:
         """(n, 3, S, S) N(0, 1) noise in teacher space, clipped to the valid image range."""
-        x = torch.randn(n, 3, self.image_size, self.image_size, device=self.device)
+        x = rank_share(self, lambda m: torch.randn(m, 3, self.image_size, self.image_size, device=self.device), n)
         return clip_to_image(x, self.cfg.output_map)
 
     def new_batch(self, n: int) -> InputBatch:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import GeneratorBaseline
+from .common import GeneratorBaseline, batch_mean
 
 
 class DAFL(GeneratorBaseline):
@@ -36,7 +36,7 @@ class DAFL(GeneratorBaseline):
         logits = t.logits.float()
         oh = F.cross_entropy(logits, logits.argmax(1))
         act = -t.penultimate.float().abs().mean()
-        p = F.softmax(logits, dim=1).mean(0)
+        p = batch_mean(self, F.softmax(logits, dim=1).mean(0))
         ie = (p * torch.log10(p.clamp_min(1e-12))).sum()
         loss = cfg.dafl_oh * oh + cfg.dafl_a * act + cfg.dafl_ie * ie
         return {"loss": loss, "oh": oh, "act": act, "ie": ie}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import dist
 from ..generator import AttentionGenerator
 from ..losses import ProjectionHead, bn_prior, build_mhad, kd_loss, mhad_loss, sfcl_loss
 from .base import DistillMethod
@@ -88,7 +89,7 @@ class DFKDFGVC(DistillMethod):
         self.generator.train()
         with self.autocast():
             x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher) as bn:
+            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
                 t_logits = self.teacher_forward(x)
             s_logits = self.student(x)
             l_bn = bn.loss()
@@ -123,7 +124,9 @@ class DFKDFGVC(DistillMethod):
         if cfg.use_sfcl:
             zt = self.projection(t.penultimate.float())
             zs = self.projection(self.student_to_teacher(s.penultimate.float()))
-            out["sfcl"] = sfcl_loss(zt, zs, tau=cfg.tau, symmetric=cfg.sfcl_symmetric)
+            out["sfcl"] = sfcl_loss(zt, zs, tau=cfg.tau, symmetric=cfg.sfcl_symmetric,   # negatives:
+                                    gather=dist.gather_rows if self.world_size > 1 else None,  # global batch
+                                    rank=self.rank)
             loss = loss + cfg.gamma * out["sfcl"]
         out["loss"] = loss
         return out

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import bn_prior, kd_loss
-from .common import GeneratorBaseline
+from .common import GeneratorBaseline, batch_mean
 
 
 class DFQ(GeneratorBaseline):
@@ -43,13 +43,13 @@ class DFQ(GeneratorBaseline):
         cfg = self.cfg
         with self.autocast():
             x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher) as bn:
+            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
                 t = self.teacher_forward(x)
             l_bn = bn.loss()
             adv = kd_loss(self.student(x), t, T=cfg.kd_T, direction=cfg.kd_direction)
             logits = t.float()
             oh = F.cross_entropy(logits, logits.argmax(1))
-            p = F.softmax(logits, dim=1).mean(0)
+            p = batch_mean(self, F.softmax(logits, dim=1).mean(0))
             balance = (p * torch.log(p.clamp_min(1e-12))).sum()
             loss = cfg.dfq_bn * l_bn - cfg.dfq_adv * adv + cfg.dfq_oh * oh + cfg.dfq_balance * balance
         self.g_opt.zero_grad(set_to_none=True)

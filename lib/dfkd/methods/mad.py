@@ -54,7 +54,7 @@ class MAD(GeneratorBaseline):
         cfg = self.cfg
         with self.autocast():
             x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher) as bn:
+            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
                 t = self.teacher_forward(x)
             l_bn = bn.loss()
             adv = kd_loss(self.student(x), t, T=cfg.kd_T, direction=cfg.kd_direction)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import CraftingMethod, InputBatch
+from .common import CraftingMethod, InputBatch, rank_share
 
 BETAS = (1.0, 0.1)  # ZSKD's two Dirichlet scaling factors
 
@@ -51,6 +51,9 @@ class ZSKD(CraftingMethod):
 
     def sample_targets(self, n: int) -> torch.Tensor:
         """(n, K) soft labels y ~ Dir(beta * zskd_beta * C[k]), k uniform, beta alternating 1.0 / 0.1."""
+        return rank_share(self, self._draw_targets, n)
+
+    def _draw_targets(self, n: int) -> torch.Tensor:
         k = torch.randint(0, self.num_classes, (n,), device=self.device)
         beta = torch.tensor(BETAS, device=self.device)[torch.arange(n, device=self.device) % len(BETAS)]
         # the row minimum is 0 after min-max normalisation; Dirichlet needs positive concentrations
