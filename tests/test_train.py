@@ -37,9 +37,11 @@ def _state_equal(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory):
-    """A resnet_tiny_t teacher trained on toy_fgvc at 32 px (about a minute on 2 cores)."""
+    """A resnet_tiny_t teacher trained on toy_fgvc at 32 px with the demo recipe (one-cycle,
+    30 epochs; about 1.5 minutes on 2 cores, 86 % top-1 measured)."""
     root = tmp_path_factory.mktemp("teacher_runs")
-    cfg = TeacherConfig(run_name="toy_t", arch="resnet_tiny_t", epochs=12, batch_size=64, lr=0.05, **TOY)
+    cfg = TeacherConfig(run_name="toy_t", arch="resnet_tiny_t", epochs=30, batch_size=32, lr=0.05,
+                        schedule="onecycle", **TOY)
     run = tracking.start_run("teacher", cfg.run_name, cfg, runs_root=root)
     summary = train_teacher(cfg, run, progress=False)
     return root, cfg, summary
@@ -48,7 +50,7 @@ def toy_teacher(tmp_path_factory):
 def test_teacher_learns_toy_well_above_chance(toy_teacher):
     root, cfg, summary = toy_teacher
     chance = 100.0 / cfg.toy_num_classes
-    assert summary["top1_last"] >= 3 * chance, summary
+    assert summary["top1_last"] >= 5 * chance, summary
     run = tracking.Run(root / "teacher" / cfg.run_name)
     for name in ("params.yaml", "env.json", "metrics.csv", "summary.json", "weights/best.safetensors",
                  "weights/best.json", "weights/last.safetensors", "weights/last.json", "state/last.pt"):
@@ -89,9 +91,11 @@ def test_resume_with_other_parameters_is_refused(runs_root):
 
 
 def _distill_cfg(teacher_run, **kw):
+    # the demo's distillation settings (params/demo/distill.yaml): BN in the generator blocks and
+    # lr_g 3e-3 keep the generator from collapsing within this tiny budget (docs/decisions.md#loop)
     base = dict(TOY, method="dfkd_fgvc", teacher_run=teacher_run, student_arch="resnet_tiny_s", nz=64,
-                ngf=16, batch_size=32, g_steps=2, s_steps=5, epochs=6, iters_per_epoch=10, lr_s=0.05,
-                test_batch_size=150)
+                ngf=16, batch_size=32, g_steps=10, s_steps=5, epochs=4, iters_per_epoch=10, lr_s=0.05,
+                lr_g=3e-3, block_norm="bn", test_batch_size=150)
     base.update(kw)
     return DistillConfig(**base)
 
@@ -102,8 +106,11 @@ def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeyp
     cfg = _distill_cfg(tcfg.run_name, run_name="smoke")
     summary = distill(cfg, tracking.start_run("distill", "smoke", cfg), progress=False)
     chance = 100.0 / tcfg.toy_num_classes
-    # measured on the real (toy) test images, never on the generator's
-    assert summary["student_top1_last"] >= 2 * chance, summary
+    # measured on the real (toy) test images, never on the generator's. A student that learns
+    # nothing transferable stays at chance (10 %); this budget (2 CPU minutes, 400 generator and
+    # 200 student steps) measured 24.7 % last epoch (the teacher 86 %). Data-free students need far
+    # larger budgets to approach the teacher; the bound only asserts that transfer happens.
+    assert summary["student_top1_last"] >= 1.5 * chance, summary
     assert summary["teacher_top1"] == pytest.approx(tsum["top1_last"])
     for k in ("images_generated", "images_consumed", "g_steps", "s_steps", "teacher_forwards"):
         assert summary["budget"][k] > 0

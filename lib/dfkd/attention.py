@@ -9,7 +9,7 @@ Scope:
   Re-Identification" (ICCV 2019).
 
 The losses that use MHA live in :mod:`dfkd.losses`; the generator that uses SAM lives in
-:mod:`dfkd.generator`. Choices the paper leaves open are recorded in ``docs/decisions/method.md``.
+:mod:`dfkd.generator`. Choices the paper leaves open are recorded in ``docs/decisions.md#method``.
 """
 from __future__ import annotations
 

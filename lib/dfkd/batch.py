@@ -6,7 +6,7 @@ each notebook's ``parameters`` cell *before* anything runs, then execute the not
 dependency order into ``runs/<stage>/<run>/executed.ipynb``. Finished runs (``summary.json``) are
 skipped; interrupted ones are re-executed and the notebook resumes from ``state/last.pt`` itself.
 
-Manifest (``docs/decisions/batch.md`` has the full schema)::
+Manifest (``docs/decisions.md#batch`` has the full schema)::
 
     jobs:
       - name: teacher                      # job id (grid expansions become teacher[seed=0] ...)
@@ -197,6 +197,7 @@ class ResolvedJob:
     timeout: int | None = None
     smoke: bool = False
     root: Path = field(default_factory=paths.project_root)
+    naming: dict[str, Any] = field(default_factory=dict)  # values for run/needs templates (pre-smoke)
 
     def run_dir(self, runs_root: str | Path | None = None) -> Path:
         return paths.runs_dir(runs_root) / self.stage / self.run_name
@@ -307,7 +308,10 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                               ("--set", cli, False)]
             values = {k: d for k, (_, d) in decl.items()}
             sources = dict.fromkeys(decl, "default")
+            naming = None  # the values before --smoke: smoke runs keep the manifest's run names
             for label, layer, strict in layers:
+                if label == "params/smoke.yaml":
+                    naming = dict(values)
                 for k, v in layer.items():
                     where = f"job {job.name!r} ({label}, notebook {job.notebook})"
                     if k not in decl:
@@ -319,16 +323,18 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                         raise BatchError(f"{where}: run_name comes from the job's `run` template")
                     values[k] = coerce(k, v, decl[k][0], where)
                     sources[k] = label
+                    if label == "--set":
+                        naming[k] = values[k]
             # string values of `set` may name other parameters, e.g. teacher_run: "r34_{dataset}"
             for k, v in job.set.items():
                 if isinstance(values.get(k), str) and "{" in values[k] and sources.get(k) == "set":
                     try:
-                        values[k] = values[k].format_map(values)
+                        values[k] = values[k].format_map(naming)
                     except (KeyError, IndexError, ValueError) as e:
                         raise BatchError(f"job {job.name!r}: set {k}={v!r} names a parameter the "
                                          f"notebook does not declare: {e}") from e
             try:
-                run_name = job.run.format_map(values)
+                run_name = job.run.format_map(naming)
             except (KeyError, IndexError, ValueError) as e:
                 raise BatchError(f"job {job.name!r}: run template {job.run!r} names a parameter "
                                  f"the notebook does not declare: {e}") from e
@@ -342,7 +348,7 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                 name=f"{job.name}[{suffix}]" if suffix else job.name, job=job.name, notebook=nb,
                 stage=job.stage, run_name=run_name,
                 params={k: v for k, v in values.items() if sources[k] != "default"},
-                values=values, sources=sources, smoke=smoke, root=root,
+                values=values, sources=sources, smoke=smoke, root=root, naming=naming,
                 timeout=job.timeout or (SMOKE_CELL_TIMEOUT if smoke else None)))
 
     by_run: dict[tuple[str, str], str] = {}
@@ -374,7 +380,7 @@ def _link_needs(jobs: list[Job], resolved: list[ResolvedJob], by_run) -> None:
     for r in resolved:
         for need in needs_of[r.job]:
             try:
-                need = need.format_map(r.values) if "{" in need else need
+                need = need.format_map(r.naming or r.values) if "{" in need else need
             except (KeyError, IndexError, ValueError) as e:
                 raise BatchError(f"job {r.name!r}: `needs` entry {need!r} names an undeclared "
                                  f"parameter: {e}") from e

@@ -102,7 +102,7 @@ class DistillConfig(DataConfig):
     use_mhad: bool = True
     use_sfcl: bool = True
     student_bn_eval_in_g: bool = True  # student BN in eval mode during generator steps
-    # --- baselines (dfkd.methods; see their docstrings and docs/decisions/baselines.md) ---
+    # --- baselines (dfkd.methods; see their docstrings and docs/decisions.md#baselines) ---
     zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
     zskd_T: float = 20.0               # ZSKD softmax temperature (impressions and student KD)
     zskd_lr: float = 0.01              # ZSKD Adam lr of the impressions

@@ -7,7 +7,7 @@ DataLoaders, and a GPU path for small datasets (:func:`preload` + :func:`gpu_aug
 
 Every dataset yields ``(image, label)``: image a float32 tensor (3, S, S) normalised with
 ImageNet mean/std (roughly [-2.1, 2.6]); label an int in 0..K-1. It has ``.classes`` (K names)
-and ``.targets`` (N ints). Choices the paper leaves open are in docs/decisions/data.md.
+and ``.targets`` (N ints). Choices the paper leaves open are in docs/decisions.md#data.
 """
 from __future__ import annotations
 

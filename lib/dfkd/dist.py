@@ -10,7 +10,7 @@ Usage (one node, 8 GPUs; every rank runs the same loop on its share of the globa
 Without torchrun (no ``WORLD_SIZE`` in the environment) every helper is a no-op and the code runs
 single-process exactly as before.
 
-Design (``docs/decisions/speed.md``):
+Design (``docs/decisions.md#speed``):
 - ``cfg.batch_size`` is the *global* batch; each rank generates/consumes ``batch_size // world_size``
   images. :meth:`DistillMethod.sample_z` draws the global noise batch from the (identically seeded)
   global RNG on every rank and keeps rank r's rows, so the ranks together see exactly the noise a

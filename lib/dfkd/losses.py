@@ -10,7 +10,7 @@ Scope:
 - :func:`check_finite` — loud failure on non-finite loss terms.
 
 Numerically sensitive reductions (softmax/KL, BN statistics, contrastive logits, MSE) run in fp32
-even under bf16 autocast. Choices the paper leaves open: ``docs/decisions/method.md``.
+even under bf16 autocast. Choices the paper leaves open: ``docs/decisions.md#method``.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ penultimate vector from ONE forward pass. Stage taps come from calling the wrapp
 submodules in order (no hooks, no copied torchvision code), so ``torch.compile`` sees plain code and
 ``state_dict`` keys are those of the wrapped network prefixed by ``net.``.
 Choices (stems at small sizes, WRN at 224 px, MobileNetV2 split, penultimate, weights policy) are
-recorded in ``docs/decisions/models.md``.
+recorded in ``docs/decisions.md#models``.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Scope: the class design (which part attributes make a class), scene sampling (th
 variables of each image) and a vectorised numpy renderer. The torch ``Dataset`` wrapper and its
 transforms live in :mod:`dfkd.data` (``create_dataset("toy_fgvc", ...)``).
 
-What makes it fine-grained (see docs/decisions/data.md):
+What makes it fine-grained (see docs/decisions.md#data):
 - every class shares ONE global structure: a stylised bird (tail wedge, body ellipse, wing
   ellipse, round head) drawn in the same layout;
 - classes differ ONLY in five small local parts -- beak shape, beak colour, eye-ring colour,

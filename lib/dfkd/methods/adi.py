@@ -24,7 +24,7 @@ crafted for ``adi_craft_steps`` steps (0 = ``g_steps``, one batch per iteration;
 2000 at 224 px) before it joins the pool. Defaults follow DeepInversion's ImageNet (224 px) setting
 (lr 0.2, Adam betas (0.5, 0.9), r_feature 0.05, first BN x10, TV 1e-4, l2 1e-5, jitter 30 px,
 flips, competition 0.2); ``adi_jitter = 0`` scales the 30 px jitter with the image size
-(2 px at 32 px, as the CIFAR-10 script). See ``docs/decisions/baselines.md``.
+(2 px at 32 px, as the CIFAR-10 script). See ``docs/decisions.md#baselines``.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Fast path (CUDA): bf16 autocast, channels_last, no host synchronisation inside a
 (losses stay tensors; the caller syncs every ``log_every`` iterations), student weight gradients
 off during generator steps, teacher gradients never, fused optimisers (foreach where fused is
 unavailable), opt-in ``torch.compile`` of the forward passes (``cfg.compile``). Measured by
-``python -m dfkd.bench``; see ``docs/decisions/speed.md``.
+``python -m dfkd.bench``; see ``docs/decisions.md#speed``.
 
 Data parallel (under torchrun, ``dfkd.dist``): ``self.cfg.batch_size`` is this rank's share of the
 configured global batch, :meth:`sample_z` slices the global noise batch, train-mode BatchNorm uses

@@ -20,7 +20,7 @@ Recipe:
   0 = 2048 images, FIFO, uint8) and its features join the bank.
 - Student step: KD, KL(T||S) at ``kd_T``, on batches drawn from the pool (random flips).
 
-Differences from the original (all in ``docs/decisions/baselines.md``): features are the teacher's
+Differences from the original (all in ``docs/decisions.md#baselines``): features are the teacher's
 penultimate features (CMI concatenates per-instance channel means of all BN inputs, or of the four
 ResNet stages for ResNet-34); the adversarial KL is unmasked by default (CMI multiplies it by
 1[argmax S == argmax T]; ``cmi_adv_mask = True`` restores it — with a random student at 200 classes

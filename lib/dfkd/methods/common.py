@@ -26,7 +26,7 @@ from ..losses import kd_loss
 from .base import DistillMethod
 
 # Pool capacity (images) when ``pool_size`` is 0. 2048 uint8 images are 308 MB at 224 px (on the
-# device and in state/last.pt), 6 MB at 32 px; see docs/decisions/baselines.md.
+# device and in state/last.pt), 6 MB at 32 px; see docs/decisions.md#baselines.
 DEFAULT_POOL_IMAGES = 2048
 
 

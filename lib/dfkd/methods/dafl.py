@@ -13,7 +13,7 @@ Recipe:
   images (DAFL trains on the same batch right after the generator update; our loop keeps the
   ``g_steps`` / ``s_steps`` split of Algorithm 1 and draws a fresh batch per student step).
 
-Chosen at FGVC scale (``docs/decisions/baselines.md``): DCGAN ``GeneratorB`` (init S/16) instead
+Chosen at FGVC scale (``docs/decisions.md#baselines``): DCGAN ``GeneratorB`` (init S/16) instead
 of DAFL's 32-px ``GeneratorA`` (whose last layer is a non-affine BN; here tanh + ImageNet mapping
 like every baseline); the shared optimisers (Adam for G, SGD for S).
 """

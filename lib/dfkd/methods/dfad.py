@@ -7,7 +7,7 @@ Recipe:
   than a KL because it keeps a gradient for G when S already matches T's softmax).
 DFAD's CIFAR/Caltech schedule is 1 generator step : 5 student steps (set ``g_steps`` / ``s_steps``).
 
-Chosen at FGVC scale (``docs/decisions/baselines.md``): DCGAN ``GeneratorB`` at init size S/16
+Chosen at FGVC scale (``docs/decisions.md#baselines``): DCGAN ``GeneratorB`` at init size S/16
 (DFAD itself used this plan at 128 px for Caltech101 / CamVid); tanh output mapped to the
 ImageNet-normalised teacher input (DFAD trained its teachers on mean = std = 0.5 instead); the
 shared optimisers (Adam lr_g for G; SGD lr_s for S).

@@ -2,7 +2,7 @@
 Large Distribution Shifts in Data-Free Knowledge Distillation", NeurIPS 2022.
 
 MAD HAS NO PUBLIC CODE: this is our implementation from the paper's description; every detail the
-text does not pin down is our choice and is listed in ``docs/decisions/baselines.md``.
+text does not pin down is our choice and is listed in ``docs/decisions.md#baselines``.
 
 Recipe:
 - An exponential-moving-average copy G' of the generator G ("momentum generator"): after every

@@ -16,7 +16,7 @@ Mapping onto Algorithm 1 (``distill``): one generator step = one Adam step of th
 impressions (``g_steps`` per iteration). A batch is optimised for ``zskd_craft_steps`` steps
 (0 = ``g_steps``, i.e. one batch per iteration; ZSKD uses 1500) and then appended to a bounded pool
 (``pool_size``, 0 = 2048 images, FIFO, stored as uint8). Student steps draw KD batches from the
-pool. Choices where ZSKD is silent at FGVC scale (``docs/decisions/baselines.md``): noise init
+pool. Choices where ZSKD is silent at FGVC scale (``docs/decisions.md#baselines``): noise init
 N(0, 1) in the teacher's normalised input space, pixels clipped to the valid image range after
 every step (impressions are stored as images), Adam lr ``zskd_lr`` (0.01 in ZSKD), the shared SGD
 student optimiser instead of ZSKD's Adam, random horizontal flips of pool samples.

@@ -12,7 +12,7 @@ Recipe:
   (ResNet -> ResNet; a student map of another spatial size is resized bilinearly; channel counts
   need not match); otherwise stages of equal spatial size (:func:`common.stage_pairs`).
 
-What we chose where ZSKT is silent at FGVC scale (``docs/decisions/baselines.md``): the DCGAN
+What we chose where ZSKT is silent at FGVC scale (``docs/decisions.md#baselines``): the DCGAN
 ``GeneratorB`` plan (init size S/16) instead of ZSKT's 32-px generator; ``g_steps``/``s_steps``
 map ZSKT's n_G = 1 / n_S = 10 (set them so); the shared optimisers (Adam for G, SGD for S)
 instead of ZSKT's Adam for both.
