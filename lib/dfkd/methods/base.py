@@ -146,6 +146,25 @@ class DistillMethod(nn.Module):
     def student_step(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms of one student step on teacher-space images x (B, 3, S, S); must hold ``loss``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One update of ``opt`` on ``loss`` (gradients of earlier steps dropped)."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def train_student_on(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One student step on images x: :meth:`student_losses`, then the student optimiser."""
+        with self.autocast():
+            out = self.student_losses(x)
+        self.optimize(self.s_opt, out["loss"])
+        self.counters["images_consumed"] += int(x.shape[0])
+        return {k: v.detach() for k, v in out.items()}
+
     # ------------------------------------------------------------------ shared machinery
     @staticmethod
     def _amp_dtype(amp: str, device: torch.device):

@@ -148,9 +148,7 @@ class CMI(PooledMixin, GeneratorBaseline):
             h_local, h_global = h.chunk(2)
             cr = contrastive_loss(h_local, h_global, len(x), cfg.cmi_tau)
             loss = cfg.cmi_bn * l_bn + cfg.cmi_oh * oh - cfg.cmi_adv * adv_used + cfg.cmi_contrast * cr
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
+        self.optimize(self.g_opt, loss)
         self.round_step += 1
         if self.round_step >= self.g_steps_per_iteration():
             self.pool.add(x.detach())

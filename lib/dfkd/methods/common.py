@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generator import DCGANGenerator, from_teacher_input, to_teacher_input
-from ..losses import kd_loss
+from ..losses import bn_prior, kd_loss
 from .base import DistillMethod
 
 # Pool capacity (images) when ``pool_size`` is 0. 2048 uint8 images are 308 MB at 224 px (on the
@@ -258,30 +258,40 @@ class GeneratorBaseline(DistillMethod):
     """A generative baseline: DCGAN ``GeneratorB`` (BN in the blocks, tanh output; init size S/16,
     so 2 -> 32 px and 14 -> 224 px) and an online student step on fresh generator images.
 
-    Subclasses implement :meth:`generator_step` and :meth:`student_losses`.
+    Subclasses implement :meth:`student_losses` and either :meth:`generator_losses` or
+    :meth:`adversarial_term` (the default generator objective maximises it).
     """
 
     def build(self) -> None:
         cfg = self.cfg
         self.generator = DCGANGenerator(nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, out="tanh")
 
-    def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss terms on teacher-space images x; must contain ``loss``."""
-        raise NotImplementedError
+    def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generator objective on teacher-space images x (with grad); must hold ``loss``.
+        Default: maximise the subclass's ``adversarial_term(x)`` (DFAD, ZSKT), the 0-d
+        teacher-student discrepancy; a method without one (DAFL) overrides this."""
+        adv = self.adversarial_term(x)
+        return {"loss": -adv, "adv": adv}
+
+    def bn_and_adversarial(self, x: torch.Tensor):
+        """Teacher logits (B, K) under the BN prior, L_BN (Eq. 3) and KL(T || S) on x (DFQ, MAD)."""
+        cfg = self.cfg
+        with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
+            t = self.teacher_forward(x)
+        l_bn = bn.loss()
+        return t, l_bn, kd_loss(self.student(x), t, T=cfg.kd_T, direction=cfg.kd_direction)
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            x = self.generate(self.cfg.batch_size)
+            out = self.generator_losses(x)
+        self.optimize(self.g_opt, out["loss"])
+        return {k: v.detach() for k, v in out.items()}
 
     def student_step(self) -> dict[str, torch.Tensor]:
         with torch.no_grad(), self.autocast():
             x = self.generate(self.cfg.batch_size)
         return self.train_student_on(x)
-
-    def train_student_on(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            out = self.student_losses(x)
-        self.s_opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.s_opt.step()
-        self.counters["images_consumed"] += int(x.shape[0])
-        return {k: v.detach() for k, v in out.items()}
 
     def kd_losses(self, x: torch.Tensor, T: float | None = None) -> dict[str, torch.Tensor]:
         """Plain KD (Eq. 2, ``kd_T`` and ``kd_direction`` of the run unless T is given)."""
@@ -384,9 +394,7 @@ class CraftingMethod(PooledMixin, DistillMethod):
             with torch.no_grad():
                 t = self.teacher_forward(x)
             kd = kd_loss(self.student(x), t, T=self.student_T(), direction=self.cfg.kd_direction)
-        self.s_opt.zero_grad(set_to_none=True)
-        kd.backward()
-        self.s_opt.step()
+        self.optimize(self.s_opt, kd)
         self.counters["images_consumed"] += int(x.shape[0])
         return {"loss": kd.detach(), "kd": kd.detach()}
 

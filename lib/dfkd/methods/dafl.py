@@ -41,14 +41,5 @@ class DAFL(GeneratorBaseline):
         loss = cfg.dafl_oh * oh + cfg.dafl_a * act + cfg.dafl_ie * ie
         return {"loss": loss, "oh": oh, "act": act, "ie": ie}
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            x = self.generate(self.cfg.batch_size)
-            out = self.generator_losses(x)
-        self.g_opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.g_opt.step()
-        return {k: v.detach() for k, v in out.items()}
-
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.kd_losses(x)

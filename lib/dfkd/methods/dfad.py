@@ -34,16 +34,6 @@ class DFAD(GeneratorBaseline):
         """MAE(T(x), S(x)) (what G maximises)."""
         return mae(self.student(x), self.teacher_forward(x))
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            x = self.generate(self.cfg.batch_size)
-            adv = self.adversarial_term(x)
-            loss = -adv
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
-        return {"loss": loss.detach(), "adv": adv.detach()}
-
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher_forward(x)

@@ -99,9 +99,7 @@ class DFKDFGVC(DistillMethod):
                 loss = loss + cfg.alpha * l_bn
             if cfg.use_adv:
                 loss = loss - l_kd
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
+        self.optimize(self.g_opt, loss)
         return {"loss": loss, "bn": l_bn, "kd": l_kd}
 
     # ------------------------------------------------------------------ Eq. 11
@@ -134,10 +132,4 @@ class DFKDFGVC(DistillMethod):
     def student_step(self) -> dict[str, torch.Tensor]:
         with torch.no_grad(), self.autocast():
             x = self.generate(self.cfg.batch_size)
-        with self.autocast():
-            out = self.student_losses(x)
-        self.s_opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.s_opt.step()
-        self.counters["images_consumed"] += int(x.shape[0])
-        return out
+        return self.train_student_on(x)

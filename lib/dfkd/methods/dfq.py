@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import bn_prior, kd_loss
+from ..losses import kd_loss
 from .common import GeneratorBaseline, batch_mean
 
 
@@ -39,24 +39,15 @@ class DFQ(GeneratorBaseline):
         """KL(T(x) || S(x)) (what G maximises)."""
         return kd_loss(self.student(x), self.teacher_forward(x), T=self.cfg.kd_T, direction=self.cfg.kd_direction)
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
+    def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        with self.autocast():
-            x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
-                t = self.teacher_forward(x)
-            l_bn = bn.loss()
-            adv = kd_loss(self.student(x), t, T=cfg.kd_T, direction=cfg.kd_direction)
-            logits = t.float()
-            oh = F.cross_entropy(logits, logits.argmax(1))
-            p = batch_mean(self, F.softmax(logits, dim=1).mean(0))
-            balance = (p * torch.log(p.clamp_min(1e-12))).sum()
-            loss = cfg.dfq_bn * l_bn - cfg.dfq_adv * adv + cfg.dfq_oh * oh + cfg.dfq_balance * balance
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
-        return {"loss": loss.detach(), "bn": l_bn.detach(), "adv": adv.detach(), "oh": oh.detach(),
-                "balance": balance.detach()}
+        t, l_bn, adv = self.bn_and_adversarial(x)
+        logits = t.float()
+        oh = F.cross_entropy(logits, logits.argmax(1))
+        p = batch_mean(self, F.softmax(logits, dim=1).mean(0))
+        balance = (p * torch.log(p.clamp_min(1e-12))).sum()
+        loss = cfg.dfq_bn * l_bn - cfg.dfq_adv * adv + cfg.dfq_oh * oh + cfg.dfq_balance * balance
+        return {"loss": loss, "bn": l_bn, "adv": adv, "oh": oh, "balance": balance}
 
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.kd_losses(x)

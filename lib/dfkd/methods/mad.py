@@ -23,7 +23,7 @@ import copy
 
 import torch
 
-from ..losses import bn_prior, kd_loss
+from ..losses import kd_loss
 from .base import set_requires_grad
 from .common import GeneratorBaseline
 
@@ -50,20 +50,14 @@ class MAD(GeneratorBaseline):
         for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
             be.copy_(b)
 
+    def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, l_bn, adv = self.bn_and_adversarial(x)
+        return {"loss": self.cfg.mad_bn * l_bn - adv, "bn": l_bn, "adv": adv}
+
     def generator_step(self) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        with self.autocast():
-            x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
-                t = self.teacher_forward(x)
-            l_bn = bn.loss()
-            adv = kd_loss(self.student(x), t, T=cfg.kd_T, direction=cfg.kd_direction)
-            loss = cfg.mad_bn * l_bn - adv
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
+        out = super().generator_step()
         self.update_ema()
-        return {"loss": loss.detach(), "bn": l_bn.detach(), "adv": adv.detach()}
+        return out
 
     def student_step(self) -> dict[str, torch.Tensor]:
         b = self.cfg.batch_size

@@ -34,16 +34,6 @@ class ZSKT(GeneratorBaseline):
         """KL(T(x) || S(x)) (what G maximises); gradients reach x through both networks."""
         return kd_loss(self.student(x), self.teacher_forward(x), T=self.cfg.kd_T, direction=self.cfg.kd_direction)
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            x = self.generate(self.cfg.batch_size)
-            adv = self.adversarial_term(x)
-            loss = -adv
-        self.g_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.g_opt.step()
-        return {"loss": loss.detach(), "adv": adv.detach()}
-
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher_forward(x, features=True)
