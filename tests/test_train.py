@@ -107,10 +107,10 @@ def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeyp
     summary = distill(cfg, tracking.start_run("distill", "smoke", cfg), progress=False)
     chance = 100.0 / tcfg.toy_num_classes
     # measured on the real (toy) test images, never on the generator's. A student that learns
-    # nothing transferable stays at chance (10 %); this budget (2 CPU minutes, 400 generator and
-    # 200 student steps) measured 24.7 % last epoch (the teacher 86 %). Data-free students need far
-    # larger budgets to approach the teacher; the bound only asserts that transfer happens.
-    assert summary["student_top1_last"] >= 1.5 * chance, summary
+    # nothing transferable stays at chance (10 %; the paper's BN-free generator at this budget
+    # measured 10.0 %); this budget (2 CPU minutes, 400 generator and 200 student steps) measured
+    # 24.7 % last epoch, with 1 and 2 threads alike (the teacher 86 %).
+    assert summary["student_top1_last"] >= 2 * chance, summary
     assert summary["teacher_top1"] == pytest.approx(tsum["top1_last"])
     for k in ("images_generated", "images_consumed", "g_steps", "s_steps", "teacher_forwards"):
         assert summary["budget"][k] > 0
