@@ -219,13 +219,19 @@ def run_samples(run: tracking.Run, n: int | None = None) -> dict:
     return {"images": imgs[:n] if n else imgs, "teacher_pred": s["teacher_pred"][:n] if n else s["teacher_pred"]}
 
 
+def run_labels(runs: Sequence[tracking.Run]) -> list[str]:
+    """Panel labels: each run's method, or its run name where two runs share a method."""
+    methods = [r.summary().get("method", r.name) for r in runs]
+    return [m if methods.count(m) == 1 else r.name for m, r in zip(methods, runs)]
+
+
 def synthetic_grid_figure(runs: Sequence[tracking.Run], dataset_cfg, n: int = 8):
     """Fig. 4: a row of real test images, then one row of synthetic images per run."""
     from .viz.grids import compare_grid
     real, _, _ = real_images(dataset_cfg, n)
     rows = {"real": real}
-    for r in runs:
-        rows[r.summary().get("method", r.name) + f" ({r.name})"] = run_samples(r, n)["images"]
+    for label, r in zip(run_labels(runs), runs):
+        rows[label] = run_samples(r, n)["images"]
     return compare_grid(rows)
 
 
@@ -261,9 +267,9 @@ def tsne_figure(runs: Sequence[tracking.Run], dataset_cfg, *, classes: int = 10,
     from .viz.embed import tsne_panels
     panels = {}
     names = None
-    for r in runs:
+    for label, r in zip(run_labels(runs), runs):
         f, y, names = student_features(r, dataset_cfg, classes=classes, n=n)
-        panels[f"{r.summary().get('method', r.name)} ({r.name})"] = (f.numpy(), y.numpy())
+        panels[label] = (f.numpy(), y.numpy())
     return tsne_panels(panels, class_names=names, perplexity=perplexity, seed=seed)
 
 

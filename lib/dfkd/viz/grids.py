@@ -111,8 +111,9 @@ def compare_grid(rows: Mapping[str, Any], *, ncol: int = 8, title: str | None = 
         raise ValueError("compare_grid needs at least one row")
     ncols = max(1, min(ncol, max(len(v) for v in data.values())))
     with style_context():
-        fig = new_figure((ncols * cell + 0.9, len(data) * cell + (0.35 if title else 0.0)))
-        axes = _grid_axes(fig, len(data), ncols, hspace=0.04, left=0.9 / fig.get_figwidth(),
+        label_w = 0.2 + 0.075 * max(len(k) for k in data)   # inches for the row names
+        fig = new_figure((ncols * cell + label_w, len(data) * cell + (0.35 if title else 0.0)))
+        axes = _grid_axes(fig, len(data), ncols, hspace=0.04, left=label_w / fig.get_figwidth(),
                           title=bool(title))
         for r, (name, imgs) in enumerate(data.items()):
             for c, ax in enumerate(axes[r]):
