@@ -19,6 +19,15 @@ from dfkd import paths
 # on which test ran first (float summation order changes with the thread count, and the short CPU
 # trainings of test_train.py are chaotic enough for that to matter).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts and ends with one intra-op thread, whatever a test sets (session fixtures
+    such as the trained toy teacher are set up before this fixture, after the previous test)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -8,15 +8,6 @@ import torch.nn.functional as F
 from dfkd.attention import MixedHighOrderAttention, SpatialAttention, attention_softmax, mha_inter_channels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # SAM
 # ------------------------------------------------------------------------------------------------

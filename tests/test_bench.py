@@ -20,14 +20,6 @@ SETTINGS = bench.preset_settings("tiny", batch_size=8, g_steps=2, s_steps=2)
 SMALL = dict(nz=32, ngf=8, sfcl_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def first_losses(method, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
     """Losses of the first generator step (Eq. 10) and the first student step (Eq. 11)."""
     torch.manual_seed(seed)                                   # the same noise for every variant

@@ -11,15 +11,6 @@ from dfkd.generator import (GENERATORS, IMAGENET_MEAN, IMAGENET_STD, AttentionGe
                             from_teacher_input, to_teacher_input)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("size", [32, 64, 112])
 @pytest.mark.parametrize("kernel", [3, 4])
 def test_attention_generator_shape_and_range(size, kernel):

@@ -13,15 +13,6 @@ from dfkd.losses import (LOSSES, BNPrior, ProjectionHead, bn_prior, build_mhad, 
                          mhad_loss, sfcl_loss)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # Eq. 2: KD
 # ------------------------------------------------------------------------------------------------

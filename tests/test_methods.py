@@ -34,16 +34,6 @@ ADVERSARIAL = ["cmi", "dfad", "dfkd_fgvc", "dfq", "mad", "zskt"]       # G maxim
 NON_ADVERSARIAL_G = ["dafl"]                                           # DAFL's G ignores the student
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is 10x faster than two that
-    spin against other processes. Restored after each test (other modules keep their setting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw) -> DistillConfig:
     base = dict(batch_size=8, g_steps=2, s_steps=2, nz=32, ngf=8, device="cpu", amp="off",
                 channels_last=False, sfcl_dim=16, cmi_dim=16, cmi_bank_size=32, pool_size=32, num_workers=0)
