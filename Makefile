@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast figures smoke bench venv clean-runs
+.PHONY: demo test test-fast figures smoke bench venv clean-runs lab laptop
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)    ## teacher -> synthesis -> distillation -> figures on the embedded dataset (CPU, < 10 min)
 	$(PY) -m dfkd.batch batches/demo.yaml
+
+lab: $(STAMP)     ## JupyterLab on http://127.0.0.1:8888 (LAB_PORT=...), project settings from jupyter_config/
+	$(PY) -m dfkd.lab $(LAB_ARGS)
 
 test: $(STAMP)    ## the whole suite (notebooks included)
 	$(PY) -m pytest -q
@@ -36,3 +39,7 @@ bench: $(STAMP)
 
 clean-runs:
 	rm -rf runs runs-smoke
+
+laptop: $(STAMP)  ## the CPU protocol of issue 9 (about 2.5 h on 2 cores, resumable), then its tables and curves into figures/
+	DFKD_DATA=$${DFKD_DATA:-../shared/data} $(PY) -m dfkd.batch batches/laptop.yaml
+	$(PY) -m dfkd.protocol

@@ -17,7 +17,7 @@
 # We watch the BN-prior and adversarial terms, the synthetic images, what the teacher predicts on them,
 # and the spatial attention maps of the SAM modules (Eqs. 4-6).
 #
-# **Inputs**: `runs/teacher/<teacher_run>/` ("" = random teacher, smoke only).
+# **Inputs**: `runs/teacher/<teacher_run>/` (notebook 10 first; "" = random teacher, smoke only).
 # **Outputs**: `runs/synthesis/<run_name>/` (metrics, samples, attention maps, generator weights).
 
 # %% tags=["parameters"]
@@ -28,9 +28,9 @@ toy_num_classes: int = 10                 # embedded dataset only
 toy_train_per_class: int = 60             # embedded dataset only
 toy_test_per_class: int = 30              # embedded dataset only
 cars_heldout_fraction: float = 0.2        # cars196 split="heldout"/"train_minus_heldout" only
-run_name: str = 'synthesis_dev'           # runs/viz/<run_name>/ keeps the tables this notebook writes
+run_name: str = 'synthesis_dev'           # runs/synthesis/<run_name>/: metrics, samples, attention maps
 method: str = 'dfkd_fgvc'                 # key of dfkd.methods.METHODS
-teacher_run: str = ''                     # runs/teacher/<teacher_run>; "" = random teacher (smoke only)
+teacher_run: str = 'teacher_dev'          # runs/teacher/<teacher_run> (notebook 10's run_name); "" = random teacher (smoke only)
 teacher_arch: str = 'resnet_tiny_t'       # only used when teacher_run == ""
 student_arch: str = 'resnet_tiny_s'
 seed: int = 0
@@ -43,6 +43,7 @@ batch_size: int = 64
 lr_g: float = 0.001
 g_beta1: float = 0.5
 g_beta2: float = 0.99
+g_lr_schedule: str = 'constant'           # constant (paper silent) | cosine (over epochs, like the student)
 lr_s: float = 0.01
 momentum: float = 0.9
 weight_decay: float = 0.0005
@@ -71,6 +72,12 @@ use_kd: bool = True
 use_mhad: bool = True
 use_sfcl: bool = True
 student_bn_eval_in_g: bool = True         # student BN in eval mode during generator steps
+replay: str = 'off'                       # off (Algorithm 1) | pool: student on a replay pool (dfkd.replay)
+replay_size: int = 4096                   # images kept in the replay pool
+replay_aug: str = 'crop_flip'             # none | flip | crop_flip: augmentation of pool samples only
+replay_fresh: float = 0.0                 # share of each student batch straight from the generator
+g_oh: float = 0.0                         # generator: CE of teacher logits to their argmax (off = paper)
+g_balance: float = 0.0                    # generator: class balance of the batch (off = paper)
 zskd_beta: float = 1.0                    # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
 zskd_T: float = 20.0                      # ZSKD softmax temperature (impressions and student KD)
 zskd_lr: float = 0.01                     # ZSKD Adam lr of the impressions
@@ -87,6 +94,7 @@ adi_competition: float = 0.2              # ADI adaptive competition weight
 adi_lr: float = 0.2                       # ADI Adam lr of the inputs (224 px)
 adi_jitter: int = 0                       # ADI max jitter in px (0 = 30 px scaled to image_size; 2 at 32)
 adi_craft_steps: int = 0                  # ADI Adam steps per batch (0 = g_steps; DeepInversion: 2000)
+adi_lr_schedule: str = 'cosine'          # ADI lr over a batch's steps: cosine with warm-up (DeepInversion) | constant
 dfq_bn: float = 1.0                       # DFQ BN prior weight
 dfq_adv: float = 1.0                      # DFQ adversarial (KL) weight
 dfq_oh: float = 1.0                       # DFQ one-hot (instance entropy) weight
@@ -103,6 +111,15 @@ cmi_tau: float = 0.1                      # CMI contrastive temperature
 cmi_dim: int = 256                        # CMI projection head output size
 cmi_bank_size: int = 4096                 # CMI memory bank (rows of past image features)
 cmi_reset_generator: bool = False         # CMI: re-initialise G at every round start (CMI's code)
+fast_lr_z: float = 0.015                  # Fast: Adam lr of the round's noise z
+fast_bn: float = 10.0                     # Fast: momentum BN prior weight
+fast_oh: float = 0.5                      # Fast: cross-entropy (to random targets) weight
+fast_adv: float = 1.1                     # Fast: masked adversarial KL weight
+fast_bn_mmt: float = 0.9                  # Fast: momentum of the BN statistics memory
+fast_T: float = 20.0                      # Fast: KD temperature of the student steps
+fast_meta: str = 'fomaml'                 # Fast: meta update fomaml | reptile
+fast_reset_l0: bool = True                # Fast: re-initialise the generator's first layer every round
+fast_warmup: int = 0                      # Fast: iterations of synthesis only
 pool_size: int = 0                        # pool of synthetic images (zskd/adi/cmi; 0 = 2048); others online
 test_batch_size: int = 128
 max_eval_batches: int = 0                 # 0 = the whole test split
@@ -123,6 +140,11 @@ from dfkd import figures, synthesis, tracking
 from dfkd.config import SynthConfig, collect
 from dfkd.seed import resolve_device
 
+if teacher_run and not (tracking.run_path("teacher", teacher_run) / "weights" / "last.safetensors").exists():
+    raise FileNotFoundError(
+        f"no trained teacher {teacher_run!r} in {tracking.run_path('teacher', teacher_run)}: run "
+        "notebooks/10_teacher_pretraining.py first (its default run_name is 'teacher_dev'), or set "
+        "teacher_run to a finished teacher run ('' = a random teacher, for smoke tests only)")
 cfg = collect(SynthConfig, globals())
 run = tracking.start_run("synthesis", run_name, cfg, device=resolve_device(device))
 summary = synthesis.synthesize(cfg, run, progress=True)

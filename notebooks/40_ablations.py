@@ -31,8 +31,8 @@ cfg = collect(VizConfig, globals())
 run = tracking.start_run("viz", run_name, cfg)
 tables = figures.ablation_tables(runs_prefix)
 for name, (keys, rows) in tables.items():
-    print(f"\n### {name}  ({', '.join(keys)})")
-    print(figures.markdown_table(rows, [*keys, "top1_last", "top1_best", "run"]))
+    table = figures.markdown_table(rows, [*keys, "top1_last", "top1_best", "run"])
+    display(figures.MarkdownTable(f"**{name}** ({', '.join(keys)})\n\n{table}"))  # rendered as a table
     figures.write_table(rows, run.dir / name)
 
 # %% [markdown]

@@ -16,7 +16,7 @@
 # `samples/last.pt`, written at fixed noise after its last epoch).
 
 # %% tags=["parameters"]
-run_name: str = 'grids_dev'               # runs/viz/<run_name>/ keeps the tables this notebook writes
+run_name: str = 'grids_dev'               # runs/viz/<run_name>/ keeps the figure this notebook writes
 runs_prefix: str = ''                     # distill runs whose name starts with this (see batches/*.yaml)
 runs: str = ''                            # or an explicit comma-separated list of distill run names
 n_images: int = 8                         # images per row in grids

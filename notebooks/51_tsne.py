@@ -16,7 +16,7 @@
 # embedded with t-SNE (scikit-learn), one panel per method.
 
 # %% tags=["parameters"]
-run_name: str = 'tsne_dev'                # runs/viz/<run_name>/ keeps the tables this notebook writes
+run_name: str = 'tsne_dev'                # runs/viz/<run_name>/ keeps the figure this notebook writes
 runs_prefix: str = ''                     # distill runs whose name starts with this (see batches/*.yaml)
 runs: str = ''                            # or an explicit comma-separated list of distill run names
 tsne_n: int = 500                         # points per t-SNE panel

@@ -17,7 +17,7 @@
 # restored after each call.
 
 # %% tags=["parameters"]
-run_name: str = 'gradcam_dev'             # runs/viz/<run_name>/ keeps the tables this notebook writes
+run_name: str = 'gradcam_dev'             # runs/viz/<run_name>/ keeps the figures this notebook writes
 runs_prefix: str = ''                     # distill runs whose name starts with this (see batches/*.yaml)
 runs: str = ''                            # or an explicit comma-separated list of distill run names
 gradcam_images: int = 4                   # synthetic and real images each (Fig. 6)

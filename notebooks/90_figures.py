@@ -18,7 +18,7 @@
 # regenerating gives the same files. `figures/README.md` says which runs each one comes from.
 
 # %% tags=["parameters"]
-run_name: str = 'figures_dev'             # runs/viz/<run_name>/ keeps the tables this notebook writes
+run_name: str = 'figures_dev'             # runs/figures/<run_name>/ records this report run
 runs_prefix: str = ''                     # distill runs whose name starts with this (see batches/*.yaml)
 teacher_prefix: str = ''                  # teacher runs whose name starts with this
 n_images: int = 8                         # images per row in grids

@@ -30,7 +30,7 @@ S = 32
 ALL = sorted(METHODS)
 GENERATIVE = [m for m in ALL if METHODS[m].uses_generator]
 CRAFTING = [m for m in ALL if not METHODS[m].uses_generator]          # zskd, adi
-ADVERSARIAL = ["cmi", "dfad", "dfkd_fgvc", "dfq", "mad", "zskt"]       # G maximises a T/S divergence
+ADVERSARIAL = ["cmi", "dfad", "dfkd_fgvc", "dfq", "fast", "mad", "zskt"]       # G maximises a T/S divergence
 NON_ADVERSARIAL_G = ["dafl"]                                           # DAFL's G ignores the student
 
 
@@ -78,7 +78,7 @@ def adversarial(method, x):
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"dfkd_fgvc", "zskd", "zskt", "dafl", "dfad", "adi", "dfq", "mad", "cmi"}
+    assert set(METHODS) == {"dfkd_fgvc", "zskd", "zskt", "dafl", "dfad", "adi", "dfq", "mad", "cmi", "fast"}
     for name, cls in METHODS.items():
         assert cls.name == name
         assert cls.__doc__ and cls.__module__.split(".")[-1] == name

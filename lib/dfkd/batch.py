@@ -1,5 +1,5 @@
 """Papermill batch runner: ``python -m dfkd.batch MANIFEST [--smoke] [--only JOB] [--runs-dir DIR]
-[--set key=value ...] [--dry-run] [--force]``.
+[--set key=value ...] [--dry-run] [--force] [--executor local|local:N|slurm] [--status]``.
 
 Scope: read a manifest (``batches/*.yaml``), layer parameters, validate every key and type against
 each notebook's ``parameters`` cell *before* anything runs, then execute the notebooks in
@@ -18,6 +18,8 @@ Manifest (``docs/decisions.md#batch`` has the full schema)::
         grid: {seed: [0, 1, 2]}            # optional cartesian product
         needs: [other_job, "teacher/{teacher_run}"]  # job names, or stage/run folders
         timeout: 3600                      # optional, seconds per cell
+        resources: {gpus: 1, cpus: 8, time: "4:00:00", mem: 32G, partition: gpu}  # optional
+        torchrun: 4                        # optional: run with torchrun -m dfkd.dist, 4 processes
 
 Layering (later wins): notebook defaults < params/base.yaml < job files < ``set`` < grid values
 < params/smoke.yaml (``--smoke``) < ``--set``. ``run_name`` is always injected from ``run``
@@ -54,7 +56,10 @@ DONE, SKIPPED, FAILED, BLOCKED, PLANNED = "done", "skipped", "failed", "blocked"
 SMOKE_CELL_TIMEOUT = 300  # s per cell when --smoke and the job gives none: CI must never hang
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 _log = partial(print, flush=True)  # progress lines interleave correctly with kernel stderr
-_JOB_KEYS = {"name", "notebook", "stage", "run", "params", "set", "grid", "needs", "timeout"}
+_JOB_KEYS = {"name", "notebook", "stage", "run", "params", "set", "grid", "needs", "timeout",
+             "resources", "torchrun"}
+RESOURCE_KEYS = ("partition", "gpus", "cpus", "time", "mem", "account")  # see dfkd.executors
+LOCKED = "locked"  # skipped because another process holds the run's lock (--if-locked skip)
 
 
 class BatchError(ValueError):
@@ -179,6 +184,8 @@ class Job:
     grid: dict[str, list] = field(default_factory=dict)
     needs: list[str] = field(default_factory=list)
     timeout: int | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # top-level `resources:` < job's
+    torchrun: int | None = None
 
 
 @dataclass
@@ -198,6 +205,8 @@ class ResolvedJob:
     smoke: bool = False
     root: Path = field(default_factory=paths.project_root)
     naming: dict[str, Any] = field(default_factory=dict)  # values for run/needs templates (pre-smoke)
+    resources: dict[str, Any] = field(default_factory=dict)  # partition/gpus/cpus/time/mem/account
+    torchrun: int | None = None     # processes per node under torchrun (-m dfkd.dist); None: papermill
 
     def run_dir(self, runs_root: str | Path | None = None) -> Path:
         return paths.runs_dir(runs_root) / self.stage / self.run_name
@@ -209,9 +218,10 @@ def load_manifest(path: str | Path) -> list[Job]:
     data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
         raise BatchError(f"{path}: a manifest is a mapping with a `jobs:` list")
-    extra = set(data) - {"jobs", "description"}
+    extra = set(data) - {"jobs", "description", "resources"}
     if extra:
         raise BatchError(f"{path}: unknown top-level key(s) {sorted(extra)}")
+    top_resources = _check_resources(data.get("resources"), f"{path}: top-level resources")
     jobs, seen = [], set()
     for i, raw in enumerate(data["jobs"]):
         where = f"{path}: job {i + 1}"
@@ -240,11 +250,29 @@ def load_manifest(path: str | Path) -> list[Job]:
         timeout = raw.get("timeout")
         if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
             raise BatchError(f"{where} ({name}): `timeout` is a positive number of seconds per cell")
+        resources = {**top_resources, **_check_resources(raw.get("resources"), f"{where} ({name})")}
+        torchrun = raw.get("torchrun")
+        if torchrun is not None and (not isinstance(torchrun, int) or isinstance(torchrun, bool)
+                                     or torchrun < 1 or raw["stage"] not in ("teacher", "distill")):
+            raise BatchError(f"{where} ({name}): `torchrun` is a number of processes (>= 1), for "
+                             "teacher or distill jobs only (they run `torchrun -m dfkd.dist`)")
         jobs.append(Job(name=name, notebook=raw["notebook"], stage=raw["stage"],
                         run=str(raw.get("run") or name), params=list(params),
                         set=dict(raw.get("set") or {}), grid=grid,
-                        needs=[needs] if isinstance(needs, str) else list(needs), timeout=timeout))
+                        needs=[needs] if isinstance(needs, str) else list(needs), timeout=timeout,
+                        resources=resources, torchrun=torchrun))
     return jobs
+
+
+def _check_resources(res, where: str) -> dict[str, Any]:
+    if res is None:
+        return {}
+    if not isinstance(res, dict) or set(res) - set(RESOURCE_KEYS):
+        raise BatchError(f"{where}: `resources` is a mapping with keys among {list(RESOURCE_KEYS)}")
+    for k in ("gpus", "cpus"):
+        if k in res and (not isinstance(res[k], int) or isinstance(res[k], bool) or res[k] < 0):
+            raise BatchError(f"{where}: resources.{k} is a non-negative integer, got {res[k]!r}")
+    return dict(res)
 
 
 def _read_params_file(path: Path) -> dict[str, Any]:
@@ -349,7 +377,8 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                 stage=job.stage, run_name=run_name,
                 params={k: v for k, v in values.items() if sources[k] != "default"},
                 values=values, sources=sources, smoke=smoke, root=root, naming=naming,
-                timeout=job.timeout or (SMOKE_CELL_TIMEOUT if smoke else None)))
+                timeout=job.timeout or (SMOKE_CELL_TIMEOUT if smoke else None),
+                resources=dict(job.resources), torchrun=job.torchrun))
 
     by_run: dict[tuple[str, str], str] = {}
     for r in resolved:
@@ -467,24 +496,55 @@ def _error_text(e: BaseException) -> str:
 
 
 def run_job(job: ResolvedJob, *, runs_root: str | Path | None = None, force: bool = False,
-            figures_root: str | Path | None = None, log=_log) -> str:
-    """Execute one job unless its run is finished; return DONE, SKIPPED or FAILED.
+            figures_root: str | Path | None = None, log=_log, if_locked: str = "wait",
+            env: Mapping[str, str] | None = None) -> str:
+    """Execute one job unless its run is finished; return DONE, SKIPPED, FAILED or LOCKED.
 
-    ``force`` deletes the run folder first (a fresh run, not a resume). A failure keeps the
-    partial ``executed.ipynb`` and writes ``FAILED`` with the error text.
+    Every executor runs a job through this function. It holds the run folder's exclusive lock
+    (:mod:`dfkd.runlock`) while it executes; a run locked by another process is waited for
+    (``if_locked="wait"``, then skipped if that process finished it) or skipped (``"skip"`` ->
+    LOCKED), with a message naming the holder. ``env`` is added to the kernel's environment
+    (``CUDA_VISIBLE_DEVICES``, thread counts). ``force`` deletes the run folder first (a fresh
+    run, not a resume; the executor's ``slurm/`` logs are kept). A failure keeps the partial
+    ``executed.ipynb`` and writes ``FAILED`` with the error text.
     """
-    import jupytext
-    import nbformat
-    import papermill
+    from dfkd import runlock
 
     runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(job.smoke).resolve()
     run_dir = job.run_dir(runs_root)
     if is_finished(run_dir) and not force:
         log(f"  {job.name}: finished run {run_dir} exists -> skipped")
         return SKIPPED
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)  # --force means from scratch: a kept state/last.pt would resume
-    resumed = run_dir.exists()
+    lock = runlock.RunLock(run_dir, what=f"dfkd.batch job {job.name}")
+    try:
+        lock.acquire(wait=if_locked != "skip", log=log)
+    except runlock.RunLocked as e:
+        log(f"  {job.name}: {e} -> skipped (--if-locked skip)")
+        return LOCKED
+    try:
+        if is_finished(run_dir) and (not force or lock.waited):  # two --force: one re-run
+            log(f"  {job.name}: finished by another process meanwhile ({run_dir}) -> skipped")
+            return SKIPPED
+        return _run_locked(job, run_dir, runs_root, force=force, figures_root=figures_root, log=log,
+                           env={**(env or {}), **lock.env})
+    finally:
+        lock.release()
+
+
+LOG_DIR = "slurm"  # submitit's logs inside a run folder (kept by --force)
+
+
+def _run_locked(job: ResolvedJob, run_dir: Path, runs_root: Path, *, force: bool, figures_root,
+                log, env: Mapping[str, str]) -> str:
+    import jupytext
+    import nbformat
+    import papermill
+
+    if force and run_dir.exists():  # --force means from scratch: a kept state/last.pt would resume
+        for child in run_dir.iterdir():
+            if child.name != LOG_DIR:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    resumed = run_dir.exists() and any(c.name != LOG_DIR for c in run_dir.iterdir())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "FAILED").unlink(missing_ok=True)
     if figures_root is None and job.smoke:
@@ -492,24 +552,30 @@ def run_job(job: ResolvedJob, *, runs_root: str | Path | None = None, force: boo
     env = {"TQDM_DISABLE": "1", "DFKD_RUNS": str(runs_root),
            # not Agg: the inline backend is headless too and keeps figures in executed.ipynb
            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}  # silences debugpy's frozen-modules warning
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # silences debugpy's frozen-modules warning
+           **env}
     if figures_root is not None:
         env["DFKD_FIGURES"] = str(Path(figures_root).resolve())
     output = run_dir / "executed.ipynb"
-    log(f"  {job.name}: {'resuming' if resumed else 'running'} {job.notebook.name} -> {run_dir}")
     error = None
-    with tempfile.TemporaryDirectory(prefix="dfkd-batch-") as tmp:
-        src = Path(tmp) / f"{job.notebook.stem}.ipynb"
-        nbformat.write(jupytext.read(job.notebook), src)  # keeps the `parameters` tag
-        try:
-            with _environ(env), _quiet_papermill():
-                papermill.execute_notebook(
-                    str(src), str(output), parameters=job.params, kernel_name="python3",
-                    language="python", cwd=str(job.root), log_output=False, progress_bar=False,
-                    execution_timeout=job.timeout)
-        except Exception as e:  # KeyboardInterrupt propagates: the run stays "interrupted"
-            error = _error_text(e)
-        _record_source(output, job)
+    if job.torchrun:
+        log(f"  {job.name}: {'resuming' if resumed else 'running'} torchrun x{job.torchrun} "
+            f"-m dfkd.dist {job.stage} -> {run_dir}")
+        error = _run_torchrun(job, run_dir, runs_root, env)
+    else:
+        log(f"  {job.name}: {'resuming' if resumed else 'running'} {job.notebook.name} -> {run_dir}")
+        with tempfile.TemporaryDirectory(prefix="dfkd-batch-") as tmp:
+            src = Path(tmp) / f"{job.notebook.stem}.ipynb"
+            nbformat.write(jupytext.read(job.notebook), src)  # keeps the `parameters` tag
+            try:
+                with _environ(env), _quiet_papermill():
+                    papermill.execute_notebook(
+                        str(src), str(output), parameters=job.params, kernel_name="python3",
+                        language="python", cwd=str(job.root), log_output=False, progress_bar=False,
+                        execution_timeout=job.timeout)
+            except Exception as e:  # KeyboardInterrupt propagates: the run stays "interrupted"
+                error = _error_text(e)
+            _record_source(output, job)
     if error is None and "run_name" not in job.values:
         # a notebook without run_name cannot know its folder: record completion for it
         _write_text(run_dir / "summary.json", json.dumps(
@@ -523,6 +589,27 @@ def run_job(job: ResolvedJob, *, runs_root: str | Path | None = None, force: boo
         log(f"  {job.name}: FAILED ({error.splitlines()[0]}); see {run_dir / 'FAILED'} and {output}")
         return FAILED
     return DONE
+
+
+def torchrun_command(job: ResolvedJob, params_file: Path, runs_root: Path) -> list[str]:
+    """The command of a ``torchrun:`` job: one node, ``job.torchrun`` processes, ``dfkd.dist``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={job.torchrun}", "-m", "dfkd.dist", job.stage,
+            "--params", str(params_file), "--runs-dir", str(runs_root), "--no-progress"]
+
+
+def _run_torchrun(job: ResolvedJob, run_dir: Path, runs_root: Path, env: Mapping[str, str]) -> str | None:
+    import subprocess
+    params_file = run_dir / "torchrun_params.yaml"
+    _write_text(params_file, yaml.safe_dump(dict(job.values), sort_keys=True))
+    cmd = torchrun_command(job, params_file, runs_root)
+    with open(run_dir / "torchrun.log", "w") as out:
+        rc = subprocess.run(cmd, cwd=str(job.root), env={**os.environ, **env}, stdout=out,
+                            stderr=subprocess.STDOUT).returncode
+    if rc == 0:
+        return None
+    tail = "".join((run_dir / "torchrun.log").read_text().splitlines(True)[-40:])
+    return f"torchrun exited with status {rc}: {' '.join(cmd)}\n\n{tail}"
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -552,6 +639,10 @@ def _describe(job: ResolvedJob, runs_root: Path) -> str:
         lines.append(f"    needs:    {', '.join(f'{s}/{r}' for s, r in job.need_runs)}")
     if job.timeout:
         lines.append(f"    timeout:  {job.timeout} s per cell")
+    if job.resources:
+        lines.append(f"    resources: {', '.join(f'{k}={v}' for k, v in job.resources.items())}")
+    if job.torchrun:
+        lines.append(f"    torchrun: {job.torchrun} processes (-m dfkd.dist {job.stage})")
     width = max((len(k) for k in job.params), default=0)
     lines += [f"      {k:<{width}} = {v!r:<24} # {job.sources[k]}" for k, v in job.params.items()]
     return "\n".join(lines)
@@ -560,11 +651,28 @@ def _describe(job: ResolvedJob, runs_root: Path) -> str:
 def run_batch(manifest_path: str | Path, *, smoke: bool = False, sets=None, only: str | None = None,
               runs_root: str | Path | None = None, dry_run: bool = False, force: bool = False,
               root: str | Path | None = None, figures_root: str | Path | None = None,
-              log=_log) -> dict[str, str]:
-    """Validate everything, then run the jobs in order; return ``{job name: status}``."""
+              log=_log, executor: str = "local", if_locked: str = "wait",
+              resources: Mapping[str, Any] | None = None, wait: bool | None = None,
+              slurm_cluster: str = "slurm") -> dict[str, str]:
+    """Validate everything, then run the jobs on ``executor``; return ``{job name: status}``.
+
+    ``executor``: ``local`` (one after the other, in this process), ``local:N`` (up to N at once,
+    each in its own process with its own GPU(s) or share of the cores) or ``slurm`` (one
+    submitit/SLURM job per run, ``needs`` as ``afterok`` dependencies; returns after submission
+    unless ``wait``). ``resources`` (partition, gpus, cpus, time, mem, account) win over the
+    manifest's. See :mod:`dfkd.executors`.
+    """
+    from dfkd import executors
+
+    kind, n_workers = executors.parse_executor(executor)
+    if if_locked not in ("wait", "skip"):
+        raise BatchError(f"--if-locked {if_locked!r}: wait or skip")
     jobs = resolve_jobs(manifest_path, smoke=smoke, sets=sets, only=only, root=root)
+    cli_res = _check_resources(dict(resources or {}), "--resources")
+    for j in jobs:
+        j.resources.update(cli_res)
     runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(smoke).resolve()
-    log(f"{len(jobs)} job(s) from {manifest_path}; runs root {runs_root}")
+    log(f"{len(jobs)} job(s) from {manifest_path}; runs root {runs_root}; executor {executor}")
     if dry_run:
         for job in jobs:
             log(_describe(job, runs_root))
@@ -575,23 +683,39 @@ def run_batch(manifest_path: str | Path, *, smoke: bool = False, sets=None, only
         if missing:
             raise BatchError(f"--only {only}: needed run(s) not finished under {runs_root}: "
                              f"{', '.join(missing)}; run those jobs first")
+    kw = dict(runs_root=runs_root, force=force, figures_root=figures_root, log=log,
+              if_locked=if_locked)
+    if kind == "slurm":
+        return executors.submit_slurm(jobs, wait=bool(wait), cluster=slurm_cluster, **kw)
+    if kind == "pool":
+        status, seconds = executors.run_pool(jobs, n_workers, **kw)
+        log(_summary_table(jobs, status, seconds, runs_root))
+        return status
     status: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for i, job in enumerate(jobs, 1):
         log(f"[{i}/{len(jobs)}] {job.name}")
-        bad = [n for n in job.needs if status.get(n) in (FAILED, BLOCKED)]
-        absent = [f"{s}/{r}" for s, r in job.need_runs if (s, r) not in
-                  {(j.stage, j.run_name) for j in jobs} and not is_finished(runs_root / s / r)]
-        if bad or absent:
-            log(f"  {job.name}: blocked (needs {', '.join(bad + absent)} which failed or are missing)")
+        why = blocked_by(job, jobs, status, runs_root)
+        if why:
+            log(f"  {job.name}: blocked (needs {', '.join(why)} which failed or are missing)")
             status[job.name] = BLOCKED
             continue
         t0 = time.perf_counter()
-        status[job.name] = run_job(job, runs_root=runs_root, force=force,
-                                   figures_root=figures_root, log=log)
+        status[job.name] = run_job(job, **kw)
         seconds[job.name] = time.perf_counter() - t0
     log(_summary_table(jobs, status, seconds, runs_root))
     return status
+
+
+def blocked_by(job: ResolvedJob, jobs: list[ResolvedJob], status: Mapping[str, str],
+               runs_root: Path) -> list[str]:
+    """Needs of ``job`` that failed, were blocked or skipped as locked in this batch, or that are
+    not part of the batch and not finished (empty: ``job`` may run once its needs are done)."""
+    bad = [n for n in job.needs if status.get(n) in (FAILED, BLOCKED, LOCKED)]
+    in_batch = {(j.stage, j.run_name) for j in jobs}
+    absent = [f"{s}/{r}" for s, r in job.need_runs
+              if (s, r) not in in_batch and not is_finished(runs_root / s / r)]
+    return bad + absent
 
 
 def _summary_table(jobs, status, seconds, runs_root) -> str:
@@ -600,7 +724,8 @@ def _summary_table(jobs, status, seconds, runs_root) -> str:
     for j in jobs:
         t = f"{seconds[j.name]:.1f}" if j.name in seconds else "-"
         rows.append(f"{j.name:<{w}}  {status[j.name]:<8} {t:>8}  {j.run_dir(runs_root)}")
-    counts = {s: list(status.values()).count(s) for s in (DONE, SKIPPED, FAILED, BLOCKED)}
+    counts = {s: list(status.values()).count(s) for s in (DONE, SKIPPED, FAILED, BLOCKED, LOCKED)}
+    counts = {s: n for s, n in counts.items() if n or s != LOCKED}
     rows.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(rows)
 
@@ -620,11 +745,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate and print the jobs; run nothing")
     ap.add_argument("--force", action="store_true", help="delete and re-run finished runs")
     ap.add_argument("--root", metavar="DIR", help="project root (default: this checkout)")
+    ex = ap.add_argument_group("executors (README: SLURM and several GPUs)")
+    ex.add_argument("--executor", default="local", metavar="local|local:N|slurm",
+                    help="local: one job after the other (default); local:N: up to N at once, each "
+                    "with its own GPU (CUDA_VISIBLE_DEVICES) or share of the cores; slurm: one "
+                    "SLURM job per run through submitit, needs -> afterok dependencies")
+    ex.add_argument("--if-locked", choices=("wait", "skip"), default="wait",
+                    help="a run folder locked by another process: wait for it (default) or skip it")
+    ex.add_argument("--status", action="store_true", help="show planned/running/done/failed/"
+                    "blocked per job and its run folder (any executor); run nothing")
+    ex.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and print the "
+                    "final table (default: exit after submission; see --status)")
+    ex.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                    help="submitit cluster behind --executor slurm: local/debug run the same "
+                    "submission path on this machine (tests; no sbatch)")
+    for k, h in (("partition", "SLURM partition"), ("gpus", "GPUs per job"),
+                 ("cpus", "CPUs per job"), ("time", "time limit (minutes or [D-]HH:MM:SS)"),
+                 ("mem", "memory per job (e.g. 32G)"), ("account", "SLURM account")):
+        ex.add_argument(f"--{k}", type=int if k in ("gpus", "cpus") else str, default=None,
+                        help=f"{h}; wins over the manifest's `resources:`")
     args = ap.parse_args(argv)
+    res = {k: getattr(args, k) for k in RESOURCE_KEYS if getattr(args, k) is not None}
     try:
+        if args.status:
+            from dfkd import executors
+            executors.print_status(args.manifest, smoke=args.smoke, sets=args.sets, only=args.only,
+                                   runs_root=args.runs_dir, root=args.root)
+            return 0
         status = run_batch(args.manifest, smoke=args.smoke, sets=args.sets, only=args.only,
                            runs_root=args.runs_dir, dry_run=args.dry_run, force=args.force,
-                           root=args.root, figures_root=args.figures_dir)
+                           root=args.root, figures_root=args.figures_dir, executor=args.executor,
+                           if_locked=args.if_locked, resources=res, wait=args.wait,
+                           slurm_cluster=args.slurm_cluster)
     except (BatchError, FileNotFoundError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -632,4 +784,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not this __main__ copy: jobs pickled for submitit and the errors
+    # raised by dfkd.executors must be dfkd.batch's classes
+    from dfkd import batch as _batch
+    sys.exit(_batch.main())

@@ -27,6 +27,9 @@ class DataConfig:
     toy_test_per_class: int = 30       # embedded dataset only
     cars_heldout_fraction: float = 0.2 # cars196 split="heldout"/"train_minus_heldout" only
 
+    def __post_init__(self):   # range checks also when a config is built directly, not via collect
+        validate(self)
+
 
 @dataclass
 class TeacherConfig(DataConfig):
@@ -34,20 +37,20 @@ class TeacherConfig(DataConfig):
     run_name: str = "teacher_dev"
     arch: str = "resnet_tiny_t"
     pretrained: bool = False           # torchvision/efficientnet ImageNet weights (must be local)
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = 60                   # 60 x batch 32 one-cycle: ~92 % on toy_fgvc (params/demo/teacher.yaml)
+    batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    schedule: str = "cosine"           # cosine | onecycle
+    schedule: str = "onecycle"         # onecycle | cosine
     warmup_epochs: int = 0
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     amp: str = "auto"                  # auto (bf16 on CUDA) | bf16 | off
     channels_last: bool = True         # CUDA only
     gpu_preload: str = "auto"          # auto | on | off: decoded images held on the device
-    num_workers: int = 2
+    num_workers: int = 0               # data-loader processes (0: in the main process)
     eval_every: int = 1
     max_steps_per_epoch: int = 0       # 0 = full epoch (smoke tests use a few)
     interactive: bool = False
@@ -72,6 +75,7 @@ class DistillConfig(DataConfig):
     lr_g: float = 1e-3
     g_beta1: float = 0.5
     g_beta2: float = 0.99
+    g_lr_schedule: str = "constant"    # constant (paper silent) | cosine (over epochs, like the student)
     lr_s: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -102,6 +106,13 @@ class DistillConfig(DataConfig):
     use_mhad: bool = True
     use_sfcl: bool = True
     student_bn_eval_in_g: bool = True  # student BN in eval mode during generator steps
+    # --- sample-efficient synthesis (dfkd.replay; docs/decisions.md#synthesis); off = Algorithm 1 ---
+    replay: str = "off"                # off (student on fresh generator images) | pool (replay pool)
+    replay_size: int = 4096            # images kept in the replay pool (FIFO)
+    replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix]: pool samples only
+    replay_fresh: float = 0.0          # share of each student batch straight from the generator
+    g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
+    g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
     # --- baselines (dfkd.methods; see their docstrings and docs/decisions.md#baselines) ---
     zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
     zskd_T: float = 20.0               # ZSKD softmax temperature (impressions and student KD)
@@ -119,6 +130,7 @@ class DistillConfig(DataConfig):
     adi_lr: float = 0.2                # ADI Adam lr of the inputs (224 px)
     adi_jitter: int = 0                # ADI max jitter in px (0 = 30 px scaled to image_size; 2 at 32)
     adi_craft_steps: int = 0           # ADI Adam steps per batch (0 = g_steps; DeepInversion: 2000)
+    adi_lr_schedule: str = "cosine"    # ADI lr over a batch's steps: cosine with warm-up (DeepInversion) | constant
     dfq_bn: float = 1.0                # DFQ BN prior weight
     dfq_adv: float = 1.0               # DFQ adversarial (KL) weight
     dfq_oh: float = 1.0                # DFQ one-hot (instance entropy) weight
@@ -135,6 +147,15 @@ class DistillConfig(DataConfig):
     cmi_dim: int = 256                 # CMI projection head output size
     cmi_bank_size: int = 4096          # CMI memory bank (rows of past image features)
     cmi_reset_generator: bool = False  # CMI: re-initialise G at every round start (CMI's code)
+    fast_lr_z: float = 0.015           # Fast: Adam lr of the round's noise z (CIFAR-10 script)
+    fast_bn: float = 10.0              # Fast: momentum BN prior weight
+    fast_oh: float = 0.5               # Fast: cross-entropy (to random targets) weight
+    fast_adv: float = 1.1              # Fast: masked adversarial KL weight
+    fast_bn_mmt: float = 0.9           # Fast: momentum of the BN prior's statistics memory
+    fast_T: float = 20.0               # Fast: KD temperature of the student steps
+    fast_meta: str = "fomaml"          # Fast: meta update fomaml (authors' is_maml 1) | reptile
+    fast_reset_l0: bool = True         # Fast: re-initialise the generator's first layer every round
+    fast_warmup: int = 0               # Fast: iterations of synthesis only (authors' warmup epochs)
     pool_size: int = 0                 # pool of synthetic images (zskd/adi/cmi; 0 = 2048); others online
     # --- evaluation / logging / speed ---
     test_batch_size: int = 128
@@ -177,6 +198,9 @@ class VizConfig:
     seed: int = 0
     device: str = "cpu"
     interactive: bool = False
+
+    def __post_init__(self):
+        validate(self)
 
 
 STAGE_CONFIGS = {"teacher": TeacherConfig, "synthesis": SynthConfig, "distill": DistillConfig, "viz": VizConfig}
@@ -255,9 +279,14 @@ def validate(cfg) -> None:
         "kd_direction": ("t_s", "s_t"),
         "mha_mode": ("frozen", "trainable", "separate"),
         "mhad_mode": ("auto", "stages", "penultimate"),
+        "g_lr_schedule": ("constant", "cosine"),
+        "adi_lr_schedule": ("constant", "cosine"),
         "amp": ("auto", "bf16", "off"),
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),
+        "replay": ("off", "pool"),
+        "fast_meta": ("fomaml", "reptile"),
+        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix"),
     }
     for name, allowed in choices.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
@@ -269,6 +298,10 @@ def validate(cfg) -> None:
         raise ConfigError("batch_size must be >= 2: BatchNorm in train mode needs two samples")
     if hasattr(cfg, "mha_order") and cfg.mha_order not in (1, 2, 3, 4, 5, 6):
         raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
+    if hasattr(cfg, "replay_fresh") and not 0.0 <= cfg.replay_fresh <= 1.0:
+        raise ConfigError(f"replay_fresh must lie in [0, 1] (a share of the student batch), got {cfg.replay_fresh}")
+    if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
+        raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
     for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):
         if hasattr(cfg, name) and not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ConfigError(f"{name} must be a positive finite number, got {getattr(cfg, name)}")

@@ -1,8 +1,9 @@
 """Report figures and tables built from run folders alone (notebooks 40, 50, 51, 52, 90).
 
 Every function reads ``runs/<stage>/<run>/`` (summary.json, metrics.csv, weights, samples) and
-returns a matplotlib Figure or a list of table rows; nothing depends on another notebook's
-in-memory state. ``dfkd.viz`` draws; this module decides what to draw for each paper artefact:
+returns a :class:`~dfkd.viz.style.PaperFigure` (a matplotlib Figure that Jupyter shows as an
+image) or a list of table rows (:func:`markdown_table` turns them into a :class:`MarkdownTable`,
+which Jupyter shows as a table); nothing depends on another notebook's in-memory state. ``dfkd.viz`` draws; this module decides what to draw for each paper artefact:
 
 =============  ==========================================  ===================
 paper          what                                        function
@@ -98,10 +99,19 @@ def ablation_rows(runs: Sequence[tracking.Run], keys: Sequence[str]) -> list[dic
     return sorted(out, key=lambda row: tuple(str(row[k]) for k in keys))
 
 
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".2f") -> str:
+class MarkdownTable(str):
+    """A GitHub markdown table: a ``str`` (print it, write it to a file) that Jupyter renders as a
+    table when it is a cell's value or passed to ``display``."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None,
+                   floatfmt: str = ".2f") -> MarkdownTable:
     """A GitHub markdown table of ``rows`` (floats formatted with ``floatfmt``)."""
     if not rows:
-        return "(no finished runs)"
+        return MarkdownTable("(no finished runs)")
     columns = list(columns or rows[0].keys())
 
     def fmt(v):
@@ -110,7 +120,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, f
         return "" if v is None else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return MarkdownTable("\n".join(lines))
 
 
 def write_table(rows: Sequence[dict], path, columns: Sequence[str] | None = None) -> None:
@@ -130,9 +140,10 @@ def write_table(rows: Sequence[dict], path, columns: Sequence[str] | None = None
 
 
 def _figure(size):
-    """A Figure outside pyplot: notebooks show it once (as a cell's value), scripts leak nothing."""
-    from matplotlib.figure import Figure
-    return Figure(figsize=size)
+    """A :class:`~dfkd.viz.style.PaperFigure` outside pyplot: it has an image repr, so notebooks show
+    it once as a PNG (as a cell's value, in JupyterLab and in executed.ipynb); scripts leak nothing."""
+    from .viz.style import new_figure
+    return new_figure(size)
 
 
 # --------------------------------------------------------------------------------------------

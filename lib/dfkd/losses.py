@@ -80,13 +80,24 @@ class BNPrior:
         reduce: optional differentiable mean over data-parallel ranks (``dfkd.dist.mean_across_ranks``)
             applied to the stacked per-channel (mean, E[x^2]) before the variance is formed, so the
             statistics are those of the global batch; None (default) = this process's batch only.
+        momentum, memory: the momentum BN prior of Fast (Fang et al., AAAI 2022): with
+            ``momentum`` m > 0 and a ``memory`` dict holding earlier batches' (mean, var) per layer,
+            the running statistics are compared with ``m * memory + (1 - m) * batch`` instead of the
+            batch alone; :meth:`update_memory` then folds the batch in (detached). m = 0: Eq. 3.
+
+    The batch mean and biased variance come from one pass over the activations
+    (``torch.var_mean``), equal to the two-pass ``mean`` / ``var`` up to rounding.
     """
 
     def __init__(self, model: nn.Module, first_bn_multiplier: float = 1.0, *,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 momentum: float = 0.0, memory: dict | None = None):
         self.model = model
         self.first_bn_multiplier = float(first_bn_multiplier)
         self.reduce = reduce
+        self.momentum = float(momentum)
+        self.memory = memory if memory is not None else {}
+        self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers = [m for m in model.modules()
                        if isinstance(m, _BN_TYPES) and m.running_mean is not None and m.running_var is not None]
         self._terms: dict[int, torch.Tensor] = {}
@@ -98,12 +109,17 @@ class BNPrior:
             dims = [d for d in range(x.dim()) if d != 1]          # all but the channel axis
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x = x.float()
-                mean = x.mean(dim=dims)
-                if self.reduce is None:
-                    var = x.var(dim=dims, unbiased=False)         # BN normalises with biased var
+                if self.reduce is None:                           # one pass; BN uses the biased var
+                    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
                 else:                                             # global batch over ranks
+                    mean = x.mean(dim=dims)
                     mean, sq = self.reduce(torch.stack([mean, (x * x).mean(dim=dims)])).unbind(0)
                     var = (sq - mean * mean).clamp_min(0)
+                self._stats[index] = (mean.detach(), var.detach())
+                if self.momentum > 0 and index in self.memory:    # Fast's momentum prior
+                    m_mean, m_var = self.memory[index]
+                    mean = self.momentum * m_mean + (1 - self.momentum) * mean
+                    var = self.momentum * m_var + (1 - self.momentum) * var
                 term = (torch.linalg.vector_norm(module.running_mean.float() - mean)
                         + torch.linalg.vector_norm(module.running_var.float() - var))   # Eq. 3
             self._terms[index] = term
@@ -133,6 +149,16 @@ class BNPrior:
         """Forget the collected terms (hooks stay)."""
         self._terms.clear()
 
+    def update_memory(self) -> None:
+        """Fold the last batch's statistics into ``memory`` (momentum prior; first batch: copied)."""
+        m = self.momentum
+        for i, (mean, var) in self._stats.items():
+            if i in self.memory:
+                mm, mv = self.memory[i]
+                self.memory[i] = (m * mm + (1 - m) * mean, m * mv + (1 - m) * var)
+            else:
+                self.memory[i] = (mean, var)
+
     def per_layer(self) -> list[torch.Tensor]:
         """Unweighted Eq. 3 terms (0-d fp32 tensors) of the hooked layers that ran, in module order."""
         return [self._terms[i] for i in sorted(self._terms)]
@@ -153,9 +179,10 @@ class BNPrior:
 
 
 def bn_prior(model: nn.Module, first_bn_multiplier: float = 1.0, *,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BNPrior:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             momentum: float = 0.0, memory: dict | None = None) -> BNPrior:
     """``with bn_prior(teacher) as bn: teacher(x)`` then ``bn.loss()`` (Eq. 3). See :class:`BNPrior`."""
-    return BNPrior(model, first_bn_multiplier, reduce=reduce)
+    return BNPrior(model, first_bn_multiplier, reduce=reduce, momentum=momentum, memory=memory)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,8 +47,12 @@ class FeatureNet(nn.Module):
     ``build_kwargs`` (the resolved builder options: ``create_model(arch, K, **build_kwargs)``
     rebuilds the same layout), ``net`` (the wrapped network). ``classifier`` (final nn.Linear)
     and ``target_layer`` (module whose output is ``stages[-1]``, for GradCAM) are properties, so
-    they are not registered twice and ``state_dict`` keys stay unique.
+    they are not registered twice and ``state_dict`` keys stay unique. ``family`` (class
+    attribute: ``resnet``, ``wrn``, ``mobilenet_v2``, ``efficientnet``) names the architecture
+    family; DFKD-FGVC's ``mhad_mode='auto'`` distils stage-wise only within ``resnet``.
     """
+
+    family = ""
 
     def __init__(self, net: nn.Module, arch: str, num_classes: int, stage_channels: list[int],
                  feature_dim: int, build_kwargs: dict | None = None):
@@ -105,6 +109,8 @@ def _mismatch(own: dict, given: dict) -> str:
 class ResNetFeatureNet(FeatureNet):
     """torchvision ``ResNet`` or ``TinyResNet`` (same attribute names); stages = layer1..layer4."""
 
+    family = "resnet"
+
     def forward_features(self, x):
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
@@ -126,6 +132,8 @@ class ResNetFeatureNet(FeatureNet):
 
 class WideResNetFeatureNet(FeatureNet):
     """``WideResNet``; stages = block1, block2, relu(bn(block3)) (3 stages)."""
+
+    family = "wrn"
 
     def forward_features(self, x):
         n = self.net
@@ -155,6 +163,8 @@ MOBILENET_V2_SPLITS = ((0, 4), (4, 7), (7, 14), (14, 19))
 class MobileNetV2FeatureNet(FeatureNet):
     """torchvision ``MobileNetV2``; 4 stages at strides 4/8/16/32 (``MOBILENET_V2_SPLITS``)."""
 
+    family = "mobilenet_v2"
+
     def forward_features(self, x):
         f, stages = self.net.features, []
         for a, b in MOBILENET_V2_SPLITS:
@@ -180,6 +190,8 @@ EFFICIENTNET_LITE0_SPLITS = ((0, 3), (3, 5), (5, 11), (11, 16))
 
 class EfficientNetLiteFeatureNet(FeatureNet):
     """``efficientnet_lite_pytorch.EfficientNet`` (lite0); same op order as its ``forward``."""
+
+    family = "efficientnet"
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 from . import paths
 from .tracking import Run, atomic_write_text
 
-__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "collect_runs", "comparison_table", "table_rows", "write_table"]
+__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "collect_runs", "comparison_table", "seed_table", "table_rows", "write_table"]
 
 
 def _summary(key: str) -> Callable[[dict], Any]:
@@ -152,3 +152,40 @@ def write_table(rows: Sequence[dict], path, columns: Sequence[str] = DEFAULT_COL
         w.writerow({k: "" if v is None else v for k, v in r.items()})
     atomic_write_text(csv_path, buf.getvalue())
     return md, csv_path
+
+
+def seed_table(rows: Sequence[dict], *, reference: dict[str, float] | None = None) -> str:
+    """One markdown line per method over its seeds: last-epoch top-1 mean and std, best-epoch
+    mean, the seeds, the teacher, each method's share of every ``reference`` accuracy (e.g.
+    ``{"teacher": 93.8, "supervised student": 92.0, "chance": 10.0}``) and the mean budget.
+
+    The std is the sample std over seeds (0 with one seed). Methods keep the order in which they
+    first appear in ``rows``."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        m = row["summary"].get("method") or row["params"].get("method")
+        groups.setdefault(m, []).append(row)
+    reference = dict(reference or {})
+    ref_cols = [k for k in reference if k != "chance"]
+    header = (["method", "seeds", "top-1 last mean (%)", "std", "top-1 best mean (%)"]
+              + [f"last / {k}" for k in ref_cols]
+              + ["images generated", "images consumed", "G/S steps", "time (s)"])
+    lines = ["| " + " | ".join(header) + " |", "|:---|:---|" + "---:|" * (len(header) - 2)]
+    for m, rs in groups.items():
+        last = [r["summary"]["student_top1_last"] for r in rs]
+        best = [r["summary"]["student_top1_best"] for r in rs]
+        mean = sum(last) / len(last)
+        std = math.sqrt(sum((v - mean) ** 2 for v in last) / (len(last) - 1)) if len(last) > 1 else 0.0
+        seeds = ",".join(str(r["params"].get("seed")) for r in rs)
+        b = [r["summary"].get("budget") or {} for r in rs]
+        avg = lambda k: sum(x.get(k, 0) for x in b) / len(b)   # noqa: E731
+        t = sum(r["summary"].get("time_s", 0.0) for r in rs) / len(rs)
+        cells = [m, seeds, f"{mean:.2f}", f"{std:.2f}", f"{sum(best) / len(best):.2f}"]
+        cells += [f"{mean / reference[k]:.2f}" for k in ref_cols]
+        cells += [f"{avg('images_generated'):,.0f}", f"{avg('images_consumed'):,.0f}",
+                  f"{avg('g_steps'):.0f}/{avg('s_steps'):.0f}", f"{t:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if reference:
+        lines.append("")
+        lines.append("References: " + ", ".join(f"{k} {v:.2f} %" for k, v in reference.items()) + ".")
+    return "\n".join(lines) + "\n"

@@ -254,6 +254,8 @@ class Run:
         if self.write:
             write_json(self.dir / "summary.json", summary)
             (self.dir / "FAILED").unlink(missing_ok=True)
+            from . import runlock
+            runlock.unhold(self.dir)  # the lock start_run took (no-op under the batch runner)
         return summary
 
     def __repr__(self) -> str:
@@ -276,6 +278,14 @@ def run_path(stage: str, run_name: str, runs_root=None) -> Path:
     return paths.runs_dir(runs_root) / stage / run_name
 
 
+def epochs_changed_message(run_dir, old, new) -> str:
+    """Why a run cannot be resumed with another ``epochs``, and what to do instead."""
+    return (f"run {Path(run_dir).name!r} ({run_dir}) was started with epochs={old!r} and cannot be "
+            f"resumed with epochs={new!r}: its learning-rate schedules were fixed for {old!r} epochs "
+            f"when it started (a restored cosine schedule would climb again past its end). Resume "
+            f"with epochs={old!r}, or start a new run_name for {new!r} epochs.")
+
+
 def start_run(stage: str, run_name: str, cfg=None, *, runs_root=None, device=None,
               write: bool = True) -> Run:
     """Create (or reopen, for resume) ``runs/<stage>/<run_name>`` and write params.yaml and env.json.
@@ -284,14 +294,21 @@ def start_run(stage: str, run_name: str, cfg=None, *, runs_root=None, device=Non
     naming the parameters, so a resumed run never mixes two configurations silently.
     """
     run = Run(run_path(stage, run_name, runs_root), write=write)
+    if write:  # one run, one writer: a second writer raises naming the holder (dfkd.runlock)
+        from . import runlock
+        runlock.hold(run.dir)
     if cfg is not None and write:
         new = to_dict(cfg) if not isinstance(cfg, Mapping) else dict(cfg)
         old = run.params()
         if old and run.state_path.exists():
-            # only the knobs that do not change the math may differ on resume
-            free = {"device", "interactive", "num_workers", "log_every", "data_root", "epochs",
+            # only the knobs that do not change the math may differ on resume; ``epochs`` is not
+            # one of them: it fixes the learning-rate schedules (the student's cosine T_max, the
+            # teacher's cosine/one-cycle total) when the run starts
+            free = {"device", "interactive", "num_workers", "log_every", "data_root",
                     "max_eval_batches", "compile", "test_batch_size"}
             diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+            if "epochs" in diff:
+                raise RuntimeError(epochs_changed_message(run.dir, old.get("epochs"), new.get("epochs")))
             if diff:
                 raise RuntimeError(
                     f"run folder {run.dir} holds a resumable state made with other parameters "

@@ -30,7 +30,7 @@ from .methods import create_method
 from .methods.base import make_optimizer
 from .models import create_model
 from .seed import resolve_device, rng_state, seed_everything, set_rng_state
-from .tracking import Run, load_into, load_weights, open_run
+from .tracking import Run, epochs_changed_message, load_into, load_weights, open_run
 
 # which split trains and which one measures, per dataset (Cars: our held-out part of train,
 # because the official test images are not available here; see data/README.md)
@@ -88,6 +88,16 @@ def build_model(arch: str, num_classes: int, image_size: int, *, pretrained: boo
 def size_kwargs(arch: str, image_size: int) -> dict:
     """Builder options that depend on the input resolution (WRN's stem; see decisions.md)."""
     return {"image_size": image_size} if arch.startswith("wrn") else {}
+
+
+def _check_resume_epochs(run: Run, old, new: int, *, t_max_only: bool = False) -> None:
+    """Refuse to resume a state written for another ``epochs`` (its schedules were fixed for that
+    total: past the old cosine T_max the student's learning rate would climb again). ``start_run``
+    refuses the same from params.yaml; this guards callers that open the Run themselves."""
+    if old is None:
+        return
+    if (max(1, int(new)) != int(old)) if t_max_only else (int(old) != int(new)):
+        raise RuntimeError(epochs_changed_message(run.dir, old, new))
 
 
 # ============================================================================================
@@ -197,6 +207,7 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
     start_epoch, best, history = 0, {"top1": -1.0, "epoch": -1}, []
     state = run.load_state()
     if state is not None:
+        _check_resume_epochs(run, state.get("epochs"), cfg.epochs)
         load_into(model, state["model"], what="resume state model", expected_arch=cfg.arch,
                   meta={"arch": state.get("arch")})
         opt.load_state_dict(state["opt"])
@@ -266,7 +277,8 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
         history.append(row)
         if run.write:
             run.save_state({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "rng": rng_state(), "epoch": epoch, "best": best, "arch": cfg.arch})
+                            "rng": rng_state(), "epoch": epoch, "best": best, "arch": cfg.arch,
+                            "epochs": cfg.epochs})
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.3f}  "
                   + (f"test top1 {row['test_top1']:.2f}%" if "test_top1" in row else ""), flush=True)
@@ -350,6 +362,9 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
     elapsed0 = 0.0
     state = run.load_state()
     if state is not None:
+        # states written before "epochs" was saved: the student's cosine T_max is max(1, epochs)
+        old_epochs = state.get("epochs", state["method"].get("s_sched", {}).get("T_max"))
+        _check_resume_epochs(run, old_epochs, cfg.epochs, t_max_only="epochs" not in state)
         method.load_checkpoint_state(state["method"])
         set_rng_state(state["rng"])
         start_it, best, elapsed0 = int(state["global_iter"]), dict(state["best"]), float(state["elapsed_s"])
@@ -358,7 +373,7 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
     def save_state(global_iter: int, elapsed: float):
         if run.write:
             run.save_state({"method": method.checkpoint_state(), "rng": rng_state(), "global_iter": global_iter,
-                            "best": best, "elapsed_s": elapsed})
+                            "best": best, "elapsed_s": elapsed, "epochs": cfg.epochs})
 
     total_iters = cfg.epochs * cfg.iters_per_epoch
     t0 = time.time() - elapsed0

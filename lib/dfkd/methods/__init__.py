@@ -12,6 +12,7 @@ from .dafl import DAFL
 from .dfad import DFAD
 from .dfkd_fgvc import DFKDFGVC
 from .dfq import DFQ
+from .fast import Fast
 from .mad import MAD
 from .zskd import ZSKD
 from .zskt import ZSKT
@@ -26,6 +27,7 @@ METHODS: dict[str, type[DistillMethod]] = {
     "dfq": DFQ,
     "mad": MAD,
     "cmi": CMI,
+    "fast": Fast,
 }
 
 

@@ -25,8 +25,16 @@ crafted for ``adi_craft_steps`` steps (0 = ``g_steps``, one batch per iteration;
 (lr 0.2, Adam betas (0.5, 0.9), r_feature 0.05, first BN x10, TV 1e-4, l2 1e-5, jitter 30 px,
 flips, competition 0.2); ``adi_jitter = 0`` scales the 30 px jitter with the image size
 (2 px at 32 px, as the CIFAR-10 script). See ``docs/decisions.md#baselines``.
+
+Learning rate of the inputs (``adi_lr_schedule``): ``cosine`` (default) is DeepInversion's
+``lr_cosine_policy(lr, 100, 2000)``: a linear warm-up over the first 1/20 of a batch's steps
+(at least one), then a cosine from ``adi_lr`` towards 0 over the rest (:func:`cosine_lr`);
+``constant`` keeps ``adi_lr`` for every step. The two-resolution schedule of DeepInversion's
+224 px setting (first at 112 px, then at 224 px) is not implemented (``docs/decisions.md#baselines``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +43,20 @@ from ..losses import bn_prior
 from .common import CraftingMethod, InputBatch, js_competition, rank_share
 
 COMPETITION_T = 3.0  # NVlabs' Adaptive DeepInversion temperature
+WARMUP_FRACTION = 1 / 20  # DeepInversion: lr_cosine_policy(lr, 100, 2000)
+
+
+def warmup_steps(craft_steps: int) -> int:
+    """Warm-up length of :func:`cosine_lr`: 1/20 of a batch's steps, at least 1."""
+    return max(1, round(craft_steps * WARMUP_FRACTION))
+
+
+def cosine_lr(base_lr: float, step: int, total: int, warmup: int) -> float:
+    """DeepInversion's ``lr_cosine_policy``: ``base * (step + 1) / warmup`` for ``step < warmup``,
+    then ``0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))) * base``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base_lr
 
 
 def tv_l2(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +85,11 @@ class ADI(CraftingMethod):
     def build(self) -> None:
         self.setup_crafting(self.cfg.adi_craft_steps)
         self.jitter = jitter_size(self.cfg, self.image_size)
+
+    def craft_lr(self, step: int) -> float | None:
+        if self.cfg.adi_lr_schedule != "cosine":
+            return None
+        return cosine_lr(self.cfg.adi_lr, step, self.craft_steps, warmup_steps(self.craft_steps))
 
     def new_batch(self, n: int) -> InputBatch:
         y = rank_share(self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device), n)

@@ -99,6 +99,7 @@ class DistillMethod(nn.Module):
         self.g_opt: torch.optim.Optimizer | None = None
         self.s_opt: torch.optim.Optimizer | None = None
         self.s_sched = None
+        self.g_sched = None   # cfg.g_lr_schedule == "cosine" only (default: constant lr_g)
         self.build()
         if self.world_size > 1:   # train-mode BN of student, generator, SAM, MHA: global statistics
             dist.convert_batchnorm(self)
@@ -139,6 +140,8 @@ class DistillMethod(nn.Module):
         if gparams:
             self.g_opt = make_optimizer(torch.optim.Adam, gparams, self.device, self.optim_impl,
                                         lr=cfg.lr_g, betas=(cfg.g_beta1, cfg.g_beta2))
+            if cfg.g_lr_schedule == "cosine":   # paper silent; default constant (decisions.md)
+                self.g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.g_opt, T_max=max(1, cfg.epochs))
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -276,7 +279,7 @@ class DistillMethod(nn.Module):
                 for _ in range(self.g_steps_per_iteration()):
                     add({f"g_{k}": v for k, v in self.generator_step().items()})
                     self.counters["g_steps"] += 1
-        for _ in range(self.cfg.s_steps):
+        for _ in range(self.s_steps_per_iteration()):
             add({f"s_{k}": v for k, v in self.student_step().items()})
             self.counters["s_steps"] += 1
         self.counters["iterations"] += 1
@@ -285,10 +288,15 @@ class DistillMethod(nn.Module):
     def g_steps_per_iteration(self) -> int:
         return self.cfg.g_steps if (self.g_opt is not None or not self.uses_generator) else 0
 
+    def s_steps_per_iteration(self) -> int:
+        return self.cfg.s_steps
+
     def epoch_end(self) -> None:
         """Per-epoch schedule step (cosine annealing of the student's learning rate)."""
         if self.s_sched is not None:
             self.s_sched.step()
+        if getattr(self, "g_sched", None) is not None:
+            self.g_sched.step()
 
     def budget(self) -> dict[str, int]:
         """Equal-budget accounting: images generated/consumed, steps, teacher forward passes.
@@ -314,6 +322,8 @@ class DistillMethod(nn.Module):
             state["g_opt"] = self.g_opt.state_dict()
         if self.s_sched is not None:
             state["s_sched"] = self.s_sched.state_dict()
+        if getattr(self, "g_sched", None) is not None:
+            state["g_sched"] = self.g_sched.state_dict()
         state.update(self.extra_state())
         return state
 
@@ -332,6 +342,8 @@ class DistillMethod(nn.Module):
             self.g_opt.load_state_dict(state["g_opt"])
         if self.s_sched is not None and "s_sched" in state:
             self.s_sched.load_state_dict(state["s_sched"])
+        if getattr(self, "g_sched", None) is not None and "g_sched" in state:
+            self.g_sched.load_state_dict(state["g_sched"])
         self.counters.update({k: v // self.world_size if k in IMAGE_COUNTERS else v
                               for k, v in state.get("counters", {}).items()})
         self.load_extra_state(state)

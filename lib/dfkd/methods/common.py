@@ -365,6 +365,10 @@ class CraftingMethod(PooledMixin, DistillMethod):
     def student_T(self) -> float:
         return self.cfg.kd_T
 
+    def craft_lr(self, step: int) -> float | None:
+        """Adam lr of the inputs at ``step`` (0-based) of a batch; None keeps the batch's own lr."""
+        return None
+
     def generator_step(self) -> dict[str, torch.Tensor]:
         if self.craft is None:
             self.craft = self.new_batch(self.cfg.batch_size)
@@ -374,6 +378,10 @@ class CraftingMethod(PooledMixin, DistillMethod):
             out = self.craft_losses(b)
         b.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        lr = self.craft_lr(b.steps)
+        if lr is not None:   # set before every step from the step count: a resumed batch continues alike
+            for group in b.opt.param_groups:
+                group["lr"] = lr
         b.opt.step()
         with torch.no_grad():
             b.x.copy_(clip_to_image(b.x, self.cfg.output_map))

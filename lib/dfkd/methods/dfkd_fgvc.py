@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import dist
 from ..generator import AttentionGenerator
 from ..losses import ProjectionHead, bn_prior, build_mhad, kd_loss, mhad_loss, sfcl_loss
+from ..replay import Replay
 from .base import DistillMethod
 
 
@@ -35,11 +37,19 @@ class PenultimateAdapter(nn.Module):
 
 
 def resolve_mhad_mode(cfg, teacher, student) -> str:
-    """``stages`` when teacher and student have the same number of stages (ResNet -> ResNet),
-    otherwise ``penultimate`` (WRN40-2, MobileNetV2 students; Sec. 5.2)."""
+    """``auto``: ``stages`` for ResNet -> ResNet (both ``family == "resnet"`` with as many stages),
+    otherwise ``penultimate``: Sec. 5.2 distils WRN40-2 *and* MobileNetV2 students (Table 2) at the
+    penultimate layer only, although MobileNetV2 has four stages like ResNet-34. A network without
+    a ``family`` attribute counts as ResNet when its ``arch`` starts with ``resnet``."""
     if cfg.mhad_mode != "auto":
         return cfg.mhad_mode
-    return "stages" if len(teacher.stage_channels) == len(student.stage_channels) else "penultimate"
+
+    def family(m) -> str:
+        fam = getattr(m, "family", "")
+        return fam or ("resnet" if str(getattr(m, "arch", "")).startswith("resnet") else "")
+
+    same = family(teacher) == family(student) == "resnet"
+    return "stages" if same and len(teacher.stage_channels) == len(student.stage_channels) else "penultimate"
 
 
 class DFKDFGVC(DistillMethod):
@@ -69,6 +79,9 @@ class DFKDFGVC(DistillMethod):
                 adapters = nn.ModuleList([PenultimateAdapter(s.feature_dim, t.feature_dim)])
             self.adapters, self.mhas = adapters, mhas
             self.teacher_mhas = teacher_mhas
+        # replay pool (dfkd.replay, docs/decisions.md#synthesis): off = Algorithm 1 as printed
+        self.replay = (Replay(max(cfg.replay_size, cfg.batch_size), cfg.output_map, self.device,
+                              aug=cfg.replay_aug, fresh=cfg.replay_fresh) if cfg.replay == "pool" else None)
         if cfg.use_sfcl:
             # one projection shared by both networks (a common space, Sec. 4.3); a linear map first
             # brings a student of another width to the teacher's
@@ -99,8 +112,18 @@ class DFKDFGVC(DistillMethod):
                 loss = loss + cfg.alpha * l_bn
             if cfg.use_adv:
                 loss = loss - l_kd
+            out = {}
+            if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
+                logits = t_logits.float()
+                out["oh"] = F.cross_entropy(logits, logits.argmax(1))
+                p = F.softmax(logits, dim=1).mean(0)
+                p = self.stat_reduce(p) if self.stat_reduce is not None else p
+                out["balance"] = (p * torch.log(p.clamp_min(1e-12))).sum()
+                loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
         self.optimize(self.g_opt, loss)
-        return {"loss": loss, "bn": l_bn, "kd": l_kd}
+        if self.replay is not None:   # every synthesised batch joins the pool (CMI, Fast)
+            self.replay.add(x)
+        return {"loss": loss, "bn": l_bn, "kd": l_kd, **out}
 
     # ------------------------------------------------------------------ Eq. 11
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,7 +152,23 @@ class DFKDFGVC(DistillMethod):
         out["loss"] = loss
         return out
 
-    def student_step(self) -> dict[str, torch.Tensor]:
+    def fresh_images(self, n: int) -> torch.Tensor:
         with torch.no_grad(), self.autocast():
-            x = self.generate(self.cfg.batch_size)
+            return self.generate(n)
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        """Eq. 11 on fresh generator images (Algorithm 1) or, with ``replay='pool'``, on augmented
+        pool samples that the teacher labels afresh inside :meth:`student_losses`."""
+        n = self.cfg.batch_size
+        x = self.fresh_images(n) if self.replay is None else self.replay.batch(n, self.fresh_images)
         return self.train_student_on(x)
+
+    def extra_state(self) -> dict:
+        return {"replay": self.replay.state()} if self.replay is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.replay is not None:
+            if "replay" not in state:
+                raise ValueError("this checkpoint has no replay pool (it was written with replay='off'); "
+                                 "resume with replay='off' or start a new run_name")
+            self.replay.load(state["replay"])

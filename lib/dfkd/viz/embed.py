@@ -13,11 +13,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dfkd.viz.grids import to_numpy
+from dfkd.viz.grids import to_numpy, wrap_label
 from dfkd.viz.style import new_figure, style_context
 
 
 EXACT_BELOW = 200
+LEGEND_CHARS = 22  # legend labels are wrapped to lines of at most this many characters
 
 
 def effective_perplexity(perplexity: float, n: int) -> float:
@@ -80,7 +81,7 @@ def scatter_embedding(xy: Any, labels: Any, class_names: Sequence[str] | None = 
             ax = fig.add_subplot()
         for c in classes:
             sel = labels == c
-            name = class_names[c] if class_names is not None else str(c)
+            name = wrap_label(str(class_names[c]), LEGEND_CHARS, max_lines=3) if class_names is not None else str(c)
             ax.scatter(xy[sel, 0], xy[sel, 1], s=s, color=colors[c], label=name, linewidths=0)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -105,9 +106,14 @@ def tsne_panels(data: Mapping[str, tuple[Any, Any]], *, seed: int = 0, perplexit
     ncols = ncols or min(len(data), 4)
     nrows = math.ceil(len(data) / ncols)
     with style_context():
-        fig = new_figure((ncols * panel + 0.8, nrows * panel + (0.3 if title else 0.0)), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False)
         k = max(int(to_numpy(labels).max()) + 1 for _, labels in data.values())
+        # room for the legend beside the last panel: its longest (wrapped) line at 7 pt
+        longest = max((len(line) for c in (class_names or [])[:k]
+                       for line in wrap_label(str(c), LEGEND_CHARS, max_lines=3).split("\n")), default=3)
+        legend_w = 0.35 + 0.055 * longest if k <= 20 else 0.0
+        fig = new_figure((ncols * panel + max(0.8, legend_w), nrows * panel + (0.3 if title else 0.0)),
+                         layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
         for i, (name, (feats, labels)) in enumerate(data.items()):
             xy = tsne_embed(feats, seed=seed, perplexity=perplexity, max_iter=max_iter)
             scatter_embedding(xy, labels, class_names, title=name, ax=axes.flat[i], num_classes=k,

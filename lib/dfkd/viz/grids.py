@@ -53,6 +53,28 @@ def _label_text(labels, class_names, i: int) -> str | None:
     return str(lab)
 
 
+LABEL_PT = 6  # font size of per-image labels
+
+
+def wrap_label(text: str, max_chars: int, max_lines: int = 4) -> str:
+    """``text`` broken at ``_``/spaces into lines of at most ``max_chars`` (long words cut), at most
+    ``max_lines`` lines (the last one ends in an ellipsis when text was dropped)."""
+    words = [w for w in text.replace("_", " ").split() if w] or [""]
+    lines: list[str] = []
+    for word in words:
+        while len(word) > max_chars:
+            lines.append(word[:max_chars])
+            word = word[max_chars:]
+        if lines and len(lines[-1]) + 1 + len(word) <= max_chars:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:max(max_chars - 1, 1)].rstrip() + "\u2026"
+    return "\n".join(lines)
+
+
 def _blank(ax) -> None:
     # ticks off but the axis kept, so a y-label (row name) can still be drawn
     ax.set_xticks([])
@@ -61,8 +83,10 @@ def _blank(ax) -> None:
         s.set_visible(False)
 
 
-def _grid_axes(fig, nrows: int, ncols: int, *, hspace: float, left: float = 0.01, title: bool = False):
-    top = 1.0 - (0.35 / fig.get_figheight() if title else 0.005)
+def _grid_axes(fig, nrows: int, ncols: int, *, hspace: float, left: float = 0.01, title: bool = False,
+               label_h: float = 0.0):
+    # label_h: inches above each image for its label (kept below the title)
+    top = 1.0 - ((0.35 if title else 0.0) + label_h) / fig.get_figheight() - (0.0 if title else 0.005)
     return fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=dict(
         wspace=0.04, hspace=hspace, left=left, right=0.995, bottom=0.005, top=top))
 
@@ -82,17 +106,22 @@ def image_grid(images: Any, labels: Sequence | Any | None = None, *, nrow: int =
     n = len(imgs)
     ncols = max(1, min(nrow, n))
     nrows = max(1, math.ceil(n / ncols))
-    label_h = 0.18 if labels is not None else 0.0
+    # labels wrapped to the cell width (about 0.55 em per character), so neighbours never overlap
+    max_chars = max(4, int(cell * 72 / (LABEL_PT * 0.55)))
+    texts = [None if labels is None else wrap_label(str(_label_text(labels, class_names, i)), max_chars)
+             for i in range(n)]
+    n_lines = max((t.count("\n") + 1 for t in texts if t is not None), default=0)
+    label_h = (0.04 + n_lines * LABEL_PT * 1.2 / 72) if labels is not None else 0.0
     with style_context():
         fig = new_figure((ncols * cell, nrows * (cell + label_h) + (0.35 if title else 0.0)))
-        axes = _grid_axes(fig, nrows, ncols, hspace=0.25 if labels is not None else 0.04, title=bool(title))
+        axes = _grid_axes(fig, nrows, ncols, hspace=(label_h + 0.04) / cell if labels is not None else 0.04,
+                          title=bool(title), label_h=label_h)
         for i, ax in enumerate(axes.flat):
             ax.set_axis_off()
             if i < n:
                 ax.imshow(imgs[i], interpolation="nearest")
-                text = _label_text(labels, class_names, i)
-                if text is not None:
-                    ax.set_title(text, fontsize=6, pad=1.5)
+                if texts[i] is not None:
+                    ax.set_title(texts[i], fontsize=LABEL_PT, pad=1.5, linespacing=1.0)
         if title:
             fig.suptitle(title)
     return fig

@@ -3,7 +3,8 @@
 Each function returns a widget (display it, or let it be the cell's last expression); the static
 figures in ``grids``/``cams`` are the fallback that batches and papers use. ipywidgets is imported
 inside the functions, so importing this module (or ``dfkd.viz``) does not need it. Images are
-shown as PNG bytes in ``widgets.Image`` (no matplotlib round trip, instant slider updates).
+shown as PNG bytes in ``widgets.Image`` (no matplotlib round trip, instant slider updates), each at a
+fixed ``DISPLAY_PX`` box so a 32 px sample is not stretched to the cell width.
 """
 from __future__ import annotations
 
@@ -13,6 +14,22 @@ from typing import Any, Sequence
 import numpy as np
 
 from dfkd.viz.grids import IMAGENET_MEAN, IMAGENET_STD, normalize_maps, to_numpy, to_numpy_images
+
+
+DISPLAY_PX = 256  # on-screen size of every image widget (CSS px): never stretched to the cell width
+
+
+def _image_widget(px: int = DISPLAY_PX):
+    """A ``widgets.Image`` shown at a fixed ``px`` x ``px`` box (aspect kept, pixels not smoothed)."""
+    import ipywidgets as w
+    return w.Image(format="png", width=px, height=px, layout=w.Layout(
+        width=f"{px}px", height=f"{px}px", object_fit="contain", flex="0 0 auto"))
+
+
+def _column(children):
+    """A VBox whose children keep their own width (controls, images and caption stay together)."""
+    import ipywidgets as w
+    return w.VBox(children, layout=w.Layout(align_items="flex-start", width="auto"))
 
 
 def _png(rgb: np.ndarray, min_size: int = 192) -> bytes:
@@ -53,7 +70,7 @@ def browse_images(images: Any, labels: Any = None, class_names: Sequence[str] | 
     cls = w.Dropdown(options=[(f"{c}: {name(c)}", c) for c in by_class] if labs is not None else [("all", -1)],
                      description="class")
     sample = w.IntSlider(min=0, max=len(by_class[cls.value]) - 1, description="sample")
-    view, caption = w.Image(format="png"), w.Label()
+    view, caption = _image_widget(), w.Label()
 
     def update(*_):
         idx = by_class[cls.value]
@@ -66,7 +83,7 @@ def browse_images(images: Any, labels: Any = None, class_names: Sequence[str] | 
     cls.observe(update, names="value")
     sample.observe(update, names="value")
     update()
-    return w.VBox([w.HBox([cls, sample]), view, caption])
+    return _column([w.HBox([cls, sample]), view, caption])
 
 
 def browse_attention(images: Any, maps: Any, *, cmap: str = "jet", denormalize: bool = False,
@@ -80,7 +97,7 @@ def browse_attention(images: Any, maps: Any, *, cmap: str = "jet", denormalize: 
         raise ValueError(f"{len(imgs)} images but {len(heat)} maps")
     index = w.IntSlider(min=0, max=len(imgs) - 1, description="image")
     alpha = w.FloatSlider(min=0.0, max=1.0, step=0.05, value=0.5, description="alpha")
-    left, right = w.Image(format="png"), w.Image(format="png")
+    left, right = _image_widget(), _image_widget()
 
     def update(*_):
         left.value = _png(imgs[index.value])
@@ -89,7 +106,7 @@ def browse_attention(images: Any, maps: Any, *, cmap: str = "jet", denormalize: 
     index.observe(update, names="value")
     alpha.observe(update, names="value")
     update()
-    return w.VBox([w.HBox([index, alpha]), w.HBox([left, right])])
+    return _column([w.HBox([index, alpha]), w.HBox([left, right])])
 
 
 def browse_cams(images: Any, cams: Any, *, image_weight: float = 0.5):
@@ -104,7 +121,7 @@ def browse_cams(images: Any, cams: Any, *, image_weight: float = 0.5):
         raise ValueError(f"{len(imgs)} images but {len(maps)} maps")
     index = w.IntSlider(min=0, max=len(imgs) - 1, description="image")
     weight = w.FloatSlider(min=0.0, max=1.0, step=0.05, value=image_weight, description="image weight")
-    left, right = w.Image(format="png"), w.Image(format="png")
+    left, right = _image_widget(), _image_widget()
 
     def update(*_):
         i = index.value
@@ -115,4 +132,4 @@ def browse_cams(images: Any, cams: Any, *, image_weight: float = 0.5):
     index.observe(update, names="value")
     weight.observe(update, names="value")
     update()
-    return w.VBox([w.HBox([index, weight]), w.HBox([left, right])])
+    return _column([w.HBox([index, weight]), w.HBox([left, right])])

@@ -1,0 +1,71 @@
+"""Tables and curves of the laptop protocol (``batches/laptop.yaml``) from its run folders.
+
+    python -m dfkd.protocol                      # both parts, into figures/
+    python -m dfkd.protocol --part toy --out runs/laptop_report
+
+Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px) it writes
+``laptop_<part>_table.md`` (per method: last-epoch top-1 mean and std over seeds, best-epoch mean,
+the share of the teacher and of the supervised student, the budget in images and steps, wall time)
+and ``laptop_<part>_curves.png`` (student top-1 against wall time, one line per run). Parts whose
+runs are missing are skipped with a message (the protocol is resumable across sessions).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import paths, report, tracking
+
+PARTS = {
+    "toy": {"prefix": "laptop_toy_m_", "teacher": "laptop_toy_teacher", "supervised": "laptop_toy_student",
+            "title": "embedded set, 32 px, 2 CPU cores"},
+    "cub": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
+            "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores"},
+}
+
+
+def _teacher_top1(name: str, runs_root) -> float | None:
+    p = tracking.run_path("teacher", name, runs_root) / "summary.json"
+    return tracking.read_json(p).get("top1_last") if p.exists() else None
+
+
+def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
+    """Write the table and the curves of one part; [] when none of its runs has finished."""
+    spec = PARTS[part]
+    rows = [r for r in report.collect_runs("distill", runs_root=runs_root)
+            if r["run"].startswith(spec["prefix"])]
+    if not rows:
+        print(f"protocol: no finished runs named {spec['prefix']}* yet; run batches/laptop.yaml")
+        return []
+    ref = {}
+    for key in ("teacher", "supervised"):
+        v = _teacher_top1(spec[key], runs_root)
+        if v is not None:
+            ref["teacher" if key == "teacher" else "supervised student"] = v
+    ref["chance"] = rows[0]["summary"].get("chance_top1", 0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"laptop_{part}_table.md"
+    tracking.atomic_write_text(md, f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref))
+    from . import figures
+    runs = [tracking.Run(tracking.run_path("distill", r["run"], runs_root), write=False) for r in rows]
+    fig = figures.curves_figure(runs, y="test_top1", x="time_s", title=f"student top-1 (%) vs wall time: {part}")
+    png = out / f"laptop_{part}_curves.png"
+    fig.savefig(png, dpi=120)
+    return [md, png]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dfkd.protocol", description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=sorted(PARTS) + ["all"], default="all")
+    ap.add_argument("--out", default="", help="output folder (default: figures/)")
+    ap.add_argument("--runs-dir", default=None)
+    a = ap.parse_args(argv)
+    out = Path(a.out) if a.out else paths.project_root() / "figures"
+    for part in (sorted(PARTS) if a.part == "all" else [a.part]):
+        for p in write_part(part, out, a.runs_dir):
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

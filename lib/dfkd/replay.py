@@ -1,0 +1,146 @@
+"""Sample-efficient synthesis: a replay pool of synthesised images that the student draws from
+with augmentation, every augmented sample re-labelled by the teacher.
+
+Algorithm 1 as printed trains the student only on the images the generator makes at that moment:
+each image is seen once, by one student step, and the student follows the generator's drift. The
+sample-efficient DFKD literature keeps what was synthesised and replays it: CMI (Fang et al., IJCAI
+2021) and Fast (Fang et al., AAAI 2022) store every synthesised batch in a memory bank and train the
+student on random draws from it under standard data augmentation (random crop, flip), the teacher
+labelling every augmented view afresh. This module is that mechanism, for any method that wants
+it (the paper's own method uses it when ``replay='pool'``; docs/decisions.md#synthesis):
+
+- :class:`Replay`: the pool (a uint8 FIFO :class:`~dfkd.methods.common.ImagePool`), the policy of
+  what goes in (``add``) and what a student step gets (``batch``), and its checkpoint state.
+- :func:`augment`: the student-side augmentation of pool samples (``none`` | ``flip`` |
+  ``crop_flip``); never applied to the images the generator's losses see.
+
+Options (fields of :class:`~dfkd.config.DistillConfig`):
+``replay`` (``off`` = Algorithm 1 as printed | ``pool``), ``replay_size`` (images kept),
+``replay_aug`` (augmentation of pool samples), ``replay_fresh`` (share of each student batch that
+comes straight from the generator instead of the pool).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPLAY_MODES = ("off", "pool")
+AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix")
+
+
+def random_flip(x: torch.Tensor) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2 (per sample)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-sample random crop of size (S, S) from x reflect-padded by ``pad`` px on each side (the
+    CIFAR-style ``RandomCrop(S, padding)`` that CMI and Fast apply to their memory banks)."""
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])            # (B, H)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])            # (B, W)
+    idx_r = rows[:, None, :, None].expand(b, x.shape[1], h, xp.shape[-1])
+    out = xp.gather(2, idx_r)
+    idx_c = cols[:, None, None, :].expand(b, x.shape[1], h, w)
+    return out.gather(3, idx_c)
+
+
+def mixup(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Each image blended with a random partner of the batch, weight ~ Beta(alpha, alpha) per
+    sample. No labels are mixed: the teacher labels the blend (data-free mixing, e.g. MixMix)."""
+    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0],)).to(x.device, x.dtype)
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[perm]
+
+
+def cutmix(x: torch.Tensor) -> torch.Tensor:
+    """Each image gets a random box (side sqrt(1 - lam) of the image, lam ~ U(0, 1)) pasted from
+    a random partner of the batch (Yun et al. 2019); the teacher labels the result."""
+    b, _, h, w = x.shape
+    perm = torch.randperm(b, device=x.device)
+    side = torch.sqrt(1 - torch.rand(b, device=x.device))
+    bh, bw = (side * h).long(), (side * w).long()
+    cy = torch.randint(0, h, (b,), device=x.device)
+    cx = torch.randint(0, w, (b,), device=x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    y0, x0 = (cy - bh // 2)[:, None, None], (cx - bw // 2)[:, None, None]
+    box = (ys >= y0) & (ys < y0 + bh[:, None, None]) & (xs >= x0) & (xs < x0 + bw[:, None, None])
+    return torch.where(box[:, None], x[perm], x)
+
+
+def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Student-side augmentation of pool samples x (B, 3, S, S), teacher space.
+
+    ``none``: x unchanged; ``flip``: random horizontal flip; ``crop_flip``: random crop with
+    S/8 px reflect padding (4 px at 32 px, as the CIFAR recipes), then flip; ``crop_flip_mixup`` /
+    ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch.
+    """
+    if mode == "none":
+        return x
+    if mode == "flip":
+        return random_flip(x)
+    if mode.startswith("crop_flip"):
+        x = random_flip(random_crop(x, max(1, x.shape[-1] // 8)))
+        if mode == "crop_flip_mixup":
+            return mixup(x)
+        if mode == "crop_flip_cutmix":
+            return cutmix(x)
+        if mode == "crop_flip":
+            return x
+    raise ValueError(f"replay_aug={mode!r} is not one of {AUGMENTATIONS}")
+
+
+class Replay:
+    """The replay pool of one run and its sampling policy.
+
+    Args:
+        capacity: images kept (``replay_size``); the oldest are overwritten.
+        output_map: the run's ``output_map`` (teacher space <-> pixels).
+        device: where the pool lives.
+        aug: augmentation of pool samples (``replay_aug``).
+        fresh: share in [0, 1] of each student batch taken from the generator's current output
+            rather than the pool (``replay_fresh``).
+    """
+
+    def __init__(self, capacity: int, output_map: str, device, *, aug: str = "crop_flip", fresh: float = 0.0):
+        from .methods.common import ImagePool   # the uint8 FIFO the pool-based baselines use
+        if aug not in AUGMENTATIONS:
+            raise ValueError(f"replay_aug={aug!r} is not one of {AUGMENTATIONS}")
+        if not 0.0 <= fresh <= 1.0:
+            raise ValueError(f"replay_fresh must lie in [0, 1], got {fresh}")
+        self.pool = ImagePool(capacity, output_map, device)
+        self.aug, self.fresh = aug, float(fresh)
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Store a synthesised batch x (B, 3, S, S), teacher space (detached, quantised to uint8)."""
+        self.pool.add(x.detach())
+
+    def batch(self, n: int, fresh_images) -> torch.Tensor:
+        """n student images: ``round(n * fresh)`` from ``fresh_images(k)`` (the generator now), the
+        rest drawn uniformly from the pool, all augmented. An empty pool gives fresh images only."""
+        k = n if len(self.pool) == 0 else int(round(n * self.fresh))
+        parts = []
+        if k > 0:
+            parts.append(fresh_images(k))
+        if n - k > 0:
+            parts.append(self.pool.sample(n - k).to(parts[0].dtype if parts else torch.float32))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return augment(x, self.aug)
+
+    def state(self) -> dict[str, Any]:
+        return self.pool.state()
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.pool.load(state)

@@ -1,0 +1,274 @@
+"""Sample-efficient synthesis (issue 9): the replay pool, its augmentation, resume with a pool,
+Fast's meta-update against a hand computation, and the one-pass / momentum BN statistics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dfkd.replay as replay_mod
+from dfkd import tracking
+from dfkd.config import ConfigError, DistillConfig
+from dfkd.losses import bn_prior
+from dfkd.methods.fast import meta_gradients
+from dfkd.replay import Replay, augment, random_crop
+from dfkd.train import distill
+
+from test_methods import build, tiny_cfg
+
+
+def _imgs(n, s=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, s, s, generator=g) * 2 - 1        # raw_tanh space = [-1, 1]
+
+
+# ------------------------------------------------------------------ pool
+def test_pool_capacity_keeps_the_newest():
+    rp = Replay(8, "raw_tanh", "cpu", aug="none")
+    a, b = _imgs(6, seed=1), _imgs(6, seed=2)
+    rp.add(a)
+    assert len(rp) == 6
+    rp.add(b)
+    assert len(rp) == 8                                         # capped
+    stored = rp.pool.decode(rp.pool.images)                     # what is kept: b and a's last two
+    want = torch.cat([a[-2:], b])
+    q = rp.pool.decode(rp.pool.encode(want))                    # the uint8 quantisation
+    assert all(any(torch.allclose(s, w) for s in stored) for w in q)
+    assert not any(torch.allclose(s, rp.pool.decode(rp.pool.encode(a[:1]))[0]) for s in stored)
+
+
+def test_pool_sampling_is_uniform_and_quantised():
+    rp = Replay(64, "raw_tanh", "cpu", aug="none")
+    x = torch.linspace(-1, 1, 64)[:, None, None, None].expand(64, 3, 4, 4).contiguous()
+    rp.add(x)
+    torch.manual_seed(0)
+    draws = rp.batch(4000, fresh_images=None)
+    assert draws.shape == (4000, 3, 4, 4)
+    # every draw is one of the stored images (to uint8 precision), and all 64 are drawn
+    vals = draws[:, 0, 0, 0]
+    assert (vals[:, None] - x[None, :, 0, 0, 0]).abs().min(1).values.max() < 1 / 127
+    idx = (vals[:, None] - x[None, :, 0, 0, 0]).abs().argmin(1)
+    counts = torch.bincount(idx, minlength=64).float()
+    assert counts.min() > 0 and counts.std() / counts.mean() < 0.35
+
+
+def test_fresh_share_and_empty_pool():
+    rp = Replay(32, "raw_tanh", "cpu", aug="none", fresh=0.25)
+    calls = []
+
+    def fresh(k):
+        calls.append(k)
+        return torch.full((k, 3, 4, 4), 0.5)
+    out = rp.batch(8, fresh)                                    # empty pool: all fresh
+    assert calls == [8] and torch.equal(out, torch.full((8, 3, 4, 4), 0.5))
+    rp.add(torch.full((16, 3, 4, 4), -0.5))
+    out = rp.batch(8, fresh)
+    assert calls[-1] == 2 and (out[:, 0, 0, 0] > 0).sum() == 2
+
+
+def test_random_crop_is_a_shifted_window():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    torch.manual_seed(0)
+    y = random_crop(x, 0)
+    assert torch.equal(y, x)
+    y = random_crop(x, 2)
+    assert y.shape == x.shape
+    # the centre of an 8 px image shifted by at most 2 px is still inside the original
+    for b in range(2):
+        assert any(torch.equal(y[b, :, 3:5, 3:5], x[b, :, 3 + dy:5 + dy, 3 + dx:5 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    with pytest.raises(ValueError, match="replay_aug"):
+        augment(x, "mixup")
+
+
+def test_config_rejects_bad_replay_values():
+    from dfkd.config import validate
+    for bad, key in ((dict(replay="bank"), "replay"), (dict(replay_fresh=1.5), "replay_fresh"),
+                     (dict(replay_aug="mixup"), "replay_aug"), (dict(fast_meta="maml"), "fast_meta"),
+                     (dict(replay_size=0), "replay_size")):
+        with pytest.raises(ConfigError, match=key):
+            validate(DistillConfig(**bad))
+
+
+# ------------------------------------------------------------------ dfkd_fgvc with a pool
+@pytest.mark.parametrize("method", ["dfkd_fgvc", "fast"])
+def test_augmentation_only_on_pool_samples(method, monkeypatch):
+    m = build(method, replay="pool", replay_size=64, replay_aug="crop_flip", g_steps=2, s_steps=2)
+    calls = {"n": 0}
+    real = replay_mod.augment
+
+    def counting(x, mode):
+        calls["n"] += 1
+        return real(x, mode)
+    monkeypatch.setattr(replay_mod, "augment", counting)
+    with m.generator_phase():
+        for _ in range(m.g_steps_per_iteration()):
+            m.generator_step()
+    assert calls["n"] == 0, "the generator's losses must see un-augmented pool images"
+    assert len(m.replay) == (16 if method == "dfkd_fgvc" else 8)   # every G step vs one round
+    # the pool holds exactly what the generator made (before any augmentation)
+    seen = []
+    monkeypatch.setattr(m, "train_student_on", lambda x: seen.append(x) or {})
+    m.student_step()
+    assert calls["n"] == 1 and len(seen) == 1 and seen[0].shape[0] == m.cfg.batch_size
+
+
+def test_pool_resume_matches_uninterrupted(runs_root):
+    common = dict(dataset="toy_fgvc", image_size=32, toy_num_classes=4, toy_train_per_class=4,
+                  toy_test_per_class=4, device="cpu", num_workers=0, epochs=2, iters_per_epoch=2,
+                  g_steps=1, s_steps=1, batch_size=8, nz=16, ngf=8, sfcl_dim=16, replay="pool",
+                  replay_size=24, amp="off", channels_last=False)
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill(step, row):
+        if step == 1:
+            raise Killed()
+    cfg_a = DistillConfig(run_name="a", **common)
+    distill(cfg_a, tracking.start_run("distill", "a", cfg_a), progress=False)
+    cfg_b = DistillConfig(run_name="b", **common)
+    with pytest.raises(Killed):
+        distill(cfg_b, tracking.start_run("distill", "b", cfg_b), progress=False, callbacks=[kill])
+    state = tracking.Run(runs_root / "distill/b").load_state()
+    assert state["method"]["replay"]["size"] == 16              # 2 iterations x 1 G step x 8
+    distill(cfg_b, tracking.start_run("distill", "b", cfg_b), progress=False)
+    wa, _ = tracking.load_weights(runs_root / "distill/a/weights/student.safetensors")
+    wb, _ = tracking.load_weights(runs_root / "distill/b/weights/student.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_refuses_a_checkpoint_without_pool():
+    a = build("dfkd_fgvc")
+    b = build("dfkd_fgvc", replay="pool", replay_size=16)
+    with pytest.raises(ValueError, match="replay"):
+        b.load_checkpoint_state(a.checkpoint_state())
+
+
+# ------------------------------------------------------------------ Fast's meta update
+def test_meta_gradients_by_hand():
+    meta = nn.Linear(2, 1)
+    with torch.no_grad():
+        meta.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        meta.bias.fill_(0.5)
+    fast = copy.deepcopy(meta)
+    with torch.no_grad():
+        fast.weight.copy_(torch.tensor([[0.5, -1.0]]))
+        fast.bias.fill_(1.0)
+    rep = meta_gradients(meta, fast, "reptile")
+    assert torch.equal(rep[0], torch.tensor([[0.5, -1.0]])) and torch.equal(rep[1], torch.tensor([-0.5]))
+    acc = [torch.ones(1, 2), torch.full((1,), 3.0)]
+    fo = meta_gradients(meta, fast, "fomaml", acc)
+    assert torch.equal(fo[0], acc[0]) and torch.equal(fo[1], acc[1])
+    with pytest.raises(ValueError, match="fast_meta"):
+        meta_gradients(meta, fast, "maml2")
+
+
+@pytest.mark.parametrize("mode", ["reptile", "fomaml"])
+def test_fast_round_meta_update_by_hand(mode, monkeypatch):
+    """One synthesis round of ``g_steps`` inner steps, then one Adam step of the meta generator
+    on the meta gradient; Adam's first step is lr * g / (|g| + eps) per element (bias-corrected)."""
+    m = build("fast", fast_meta=mode, g_steps=2, replay="pool", replay_size=32, lr_g=1e-3,
+              fast_reset_l0=False)
+    before = [p.detach().clone() for p in m.generator.parameters()]
+    captured = {}
+    real_end = m.end_round
+
+    def spy(x, bn):
+        captured["fast"] = [p.detach().clone() for p in m._round["fast"].parameters()]
+        captured["grads"] = [g.clone() for g in m._round["grads"]]
+        real_end(x, bn)
+    monkeypatch.setattr(m, "end_round", spy)
+    with m.generator_phase():
+        m.generator_step()
+        assert m.round_step == 1 and all(torch.equal(a, b) for a, b in zip(before, m.generator.parameters()))
+        m.generator_step()
+    assert m.round_step == 0 and len(m.replay) == 8
+    for p0, pf, gacc, p1 in zip(before, captured["fast"], captured["grads"], m.generator.parameters()):
+        g = (p0 - pf) if mode == "reptile" else gacc
+        want = p0 - 1e-3 * g / (g.abs() + 1e-8)
+        assert torch.allclose(p1.detach(), want, atol=1e-6), mode
+    # the fast copy moved away from the meta weights (the inner steps did something)
+    assert any(not torch.equal(a, b) for a, b in zip(before, captured["fast"]))
+
+
+def test_fast_warmup_skips_student_steps():
+    m = build("fast", fast_warmup=1, replay="pool", replay_size=32)
+    s0 = [p.detach().clone() for p in m.student.parameters()]
+    m.iteration()
+    assert all(torch.equal(a, b) for a, b in zip(s0, m.student.parameters())) and m.counters["s_steps"] == 0
+    m.iteration()
+    assert m.counters["s_steps"] == m.cfg.s_steps
+
+
+# ------------------------------------------------------------------ BN statistics
+def _bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4))
+    for mod in net:
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_one_pass_bn_statistics_equal_two_pass():
+    net = _bn_net()
+    x = torch.randn(6, 3, 9, 9) * 3 + 1
+    with bn_prior(net) as bn:
+        net(x)
+    got = bn.per_layer()
+    # two passes by hand: mean, then the mean squared deviation
+    h = x
+    want = []
+    for mod in net:
+        if isinstance(mod, nn.BatchNorm2d):
+            mean = h.mean((0, 2, 3))
+            var = ((h - mean[None, :, None, None]) ** 2).mean((0, 2, 3))
+            want.append((mod.running_mean - mean).norm() + (mod.running_var - var).norm())
+        h = mod(h)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_momentum_bn_prior_by_hand():
+    net = _bn_net()
+    bn_layer = net[1]
+    x1, x2 = torch.randn(4, 3, 9, 9), torch.randn(4, 3, 9, 9) + 2
+    memory = {}
+    with bn_prior(net, momentum=0.9, memory=memory) as bn:
+        net(x1)
+    first = bn.per_layer()[0]
+    bn.update_memory()
+    f1 = net[0](x1)
+    m1, v1 = f1.mean((0, 2, 3)), f1.var((0, 2, 3), unbiased=False)
+    assert torch.allclose(first, (bn_layer.running_mean - m1).norm() + (bn_layer.running_var - v1).norm(), atol=1e-5)
+    assert torch.allclose(memory[0][0], m1, atol=1e-6)          # first batch: copied
+    with bn_prior(net, momentum=0.9, memory=memory) as bn:
+        net(x2)
+    f2 = net[0](x2)
+    m2, v2 = f2.mean((0, 2, 3)), f2.var((0, 2, 3), unbiased=False)
+    bm, bv = 0.9 * m1 + 0.1 * m2, 0.9 * v1 + 0.1 * v2
+    want = (bn_layer.running_mean - bm).norm() + (bn_layer.running_var - bv).norm()
+    assert torch.allclose(bn.per_layer()[0], want, atol=1e-5)
+    bn.update_memory()
+    assert torch.allclose(memory[0][0], bm, atol=1e-6)
+
+
+def test_class_coverage_terms_enter_the_generator_loss():
+    """g_oh / g_balance (off by default) add DFQ's instance-entropy and balance terms to Eq. 10."""
+    m0 = build("dfkd_fgvc")
+    m1 = build("dfkd_fgvc", g_oh=1.0, g_balance=2.0)
+    torch.manual_seed(5)
+    with m0.generator_phase():
+        o0 = m0.generator_step()
+    torch.manual_seed(5)
+    with m1.generator_phase():
+        o1 = m1.generator_step()
+    assert "oh" not in o0 and "oh" in o1
+    assert torch.allclose(o1["loss"], o0["loss"] + o1["oh"] + 2.0 * o1["balance"], atol=1e-5)
+    assert tiny_cfg().g_oh == 0.0 and tiny_cfg().g_balance == 0.0
