@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..generator import DCGANGenerator, from_teacher_input, to_teacher_input
 from ..losses import bn_prior, kd_loss
+from ..replay import random_flip  # noqa: F401  (re-exported: the pool-based baselines flip with it)
 from .base import DistillMethod
 
 # Pool capacity (images) when ``pool_size`` is 0. 2048 uint8 images are 308 MB at 224 px (on the
@@ -60,12 +61,6 @@ def clip_to_image(x: torch.Tensor, output_map: str) -> torch.Tensor:
     """Project teacher-space images onto the valid pixel range ([0, 1] before normalisation), as
     DeepInversion's ``clip`` does after every step. Not differentiable (use on ``.data``)."""
     return to_teacher_input(from_teacher_input(x, output_map) * 2.0 - 1.0, output_map)
-
-
-def random_flip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image horizontally with probability 1/2 (per sample)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def random_resized_crop(x: torch.Tensor, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
