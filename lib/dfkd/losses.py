@@ -381,3 +381,16 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], where: str) -> None
     bad = [k for (k, _), f in zip(items, ok) if not f]
     raise FloatingPointError(f"non-finite loss term(s) {bad} in {where}; try a lower learning rate "
                              "(lr_g / lr_s) or amp='off'")
+
+
+def class_coverage_terms(logits: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DFQ's generator terms on teacher logits (B, K): the instance entropy (cross-entropy to the
+    argmax) and the class balance ``sum_k p_k log p_k`` of the batch-mean softmax p (``reduce``:
+    mean over data-parallel ranks). Both 0-d fp32; used by ``dfq`` and by ``dfkd_fgvc``'s
+    ``g_oh`` / ``g_balance``."""
+    logits = logits.float()
+    oh = F.cross_entropy(logits, logits.argmax(1))
+    p = F.softmax(logits, dim=1).mean(0)
+    p = reduce(p) if reduce is not None else p
+    return oh, (p * torch.log(p.clamp_min(1e-12))).sum()
+

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import dist
 from ..generator import AttentionGenerator
-from ..losses import ProjectionHead, bn_prior, build_mhad, kd_loss, mhad_loss, sfcl_loss
+from ..losses import ProjectionHead, bn_prior, build_mhad, class_coverage_terms, kd_loss, mhad_loss, sfcl_loss
 from ..replay import Replay
 from .base import DistillMethod
 
@@ -114,11 +113,7 @@ class DFKDFGVC(DistillMethod):
                 loss = loss - l_kd
             out = {}
             if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
-                logits = t_logits.float()
-                out["oh"] = F.cross_entropy(logits, logits.argmax(1))
-                p = F.softmax(logits, dim=1).mean(0)
-                p = self.stat_reduce(p) if self.stat_reduce is not None else p
-                out["balance"] = (p * torch.log(p.clamp_min(1e-12))).sum()
+                out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
                 loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
         self.optimize(self.g_opt, loss)
         if self.replay is not None:   # every synthesised batch joins the pool (CMI, Fast)

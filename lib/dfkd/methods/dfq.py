@@ -24,9 +24,8 @@ DFQ's 1 G : 5 S (CIFAR) / 1 : 10 (CIFAR-100 R34->R18) steps map onto ``g_steps``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..losses import kd_loss
+from ..losses import class_coverage_terms, kd_loss
 from .common import GeneratorBaseline, batch_mean
 
 
@@ -42,10 +41,7 @@ class DFQ(GeneratorBaseline):
     def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         t, l_bn, adv = self.bn_and_adversarial(x)
-        logits = t.float()
-        oh = F.cross_entropy(logits, logits.argmax(1))
-        p = batch_mean(self, F.softmax(logits, dim=1).mean(0))
-        balance = (p * torch.log(p.clamp_min(1e-12))).sum()
+        oh, balance = class_coverage_terms(t, lambda p: batch_mean(self, p))
         loss = cfg.dfq_bn * l_bn - cfg.dfq_adv * adv + cfg.dfq_oh * oh + cfg.dfq_balance * balance
         return {"loss": loss, "bn": l_bn, "adv": adv, "oh": oh, "balance": balance}
 
