@@ -7,8 +7,11 @@ Debian's ``chromium`` is driven through Playwright (``executable_path``: ``playw
 downloads browsers and is not used). The test double-clicks ``notebooks`` and then
 ``00_overview.py`` in the file browser, checks that a notebook (not a text editor) opened, runs all
 cells from the Run menu, and checks that the outputs hold an ``<img>``, no ``<Figure ...>`` text and
-no error. Screenshots go to ``$DFKD_TEST_ARTEFACTS/browser/`` (default: pytest's temporary folder,
-printed with ``-rA``); they are test artefacts, never committed.
+no error. A second test runs notebook 30 smoke-sized (papermill, as ``python -m dfkd.batch
+--smoke`` does) into the lab's runs folder, opens its ``executed.ipynb`` in JupyterLab and checks
+that the curve cell (``figures.curves_figure``) renders an ``<img>``, not ``<Figure ...>`` text.
+Screenshots go to ``$DFKD_TEST_ARTEFACTS/browser/`` (default: pytest's temporary folder, printed
+with ``-rA``); they are test artefacts, never committed.
 
 Outside CI a missing browser or Playwright skips the test with an install hint; under
 ``CI=true`` it fails (``.ci/run`` installs chromium when it is missing).
@@ -28,10 +31,13 @@ from pathlib import Path
 
 import pytest
 
-from dfkd import lab, paths
+import yaml
+
+from dfkd import batch, lab, paths
 
 ROOT = paths.project_root()
 NOTEBOOK = "notebooks/00_overview.py"
+DISTILL_NOTEBOOK = "notebooks/30_distillation.py"
 INSTALL_HINT = ("install a browser and Playwright: `apt-get update && apt-get install -y chromium` and "
                 "`.venv/bin/pip install playwright` (not `playwright install`); or set DFKD_CHROMIUM "
                 "to a Chromium/Chrome executable")
@@ -69,12 +75,22 @@ def artefacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def jupyterlab(tmp_path_factory):
+def lab_runs():
+    """The lab's (empty) runs folder: inside the project, because JupyterLab serves files under its
+    root only (runs/ is git-ignored); removed afterwards."""
+    path = ROOT / "runs" / f"_browser_test_{os.getpid()}_{secrets.token_hex(3)}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory, lab_runs):
     """``(base_url, token)`` of JupyterLab started as ``make lab`` starts it (``dfkd.lab``)."""
     tmp = tmp_path_factory.mktemp("lab")
     state = tmp / "state"
     env = lab.lab_env(ROOT, state)
-    env["DFKD_RUNS"] = str(tmp / "runs")
+    env["DFKD_RUNS"] = str(lab_runs)
     env.pop("TQDM_DISABLE", None)
     settings = Path(env["JUPYTERLAB_SETTINGS_DIR"]) / "@jupyterlab" / "docmanager-extension"
     settings.mkdir(parents=True)
@@ -125,20 +141,38 @@ def _menu(page, top: str, entry: str):
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(rf"^{re.escape(entry)}$")).first.click()
 
 
-def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
+def _playwright():
     chromium = _chromium()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _missing("Playwright is not installed")
+    return chromium, sync_playwright
+
+
+def _keep_failure(page, artefacts: Path, log_path: Path, console: list[str]) -> None:
+    """What the browser showed when a test failed, beside the server log."""
+    if page is None:
+        return
+    try:
+        page.screenshot(path=str(artefacts / "99_failure.png"), full_page=True)
+        (artefacts / "99_failure.html").write_text(page.content())
+        shutil.copy(log_path, artefacts / "99_failure_lab.log")
+        (artefacts / "99_failure_console.txt").write_text("\n".join(console))
+    except Exception:
+        pass
+
+
+def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
+    chromium, sync_playwright = _playwright()
     base, token, log_path = jupyterlab
     source_before = (ROOT / NOTEBOOK).read_bytes()
     args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=args + ["--disable-gpu"])
+        page, console = None, []
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            console = []
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.goto(f"{base}/lab?token={token}", wait_until="domcontentloaded")
             # the file browser at the project root: double-click into notebooks/, then the source
@@ -156,6 +190,10 @@ def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
 
             # kernel ready (python3 from the notebook's kernelspec: no kernel dialog), then run all
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+            page.wait_for_timeout(500)
+            # JupyterLab writes the kernel's language_info when the kernel starts: dfkd.lab_contents
+            # serves the same one, so that write is no change (tests/test_lab_contents.py)
+            dirty_with_kernel = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count() > 0
             _menu(page, "Run", "Run All Cells")
             t0 = time.monotonic()
             done = ("() => { const p = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
@@ -176,16 +214,59 @@ def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
             assert not re.search(r"Traceback|\w+Error\b", err_text), err_text[-3000:]
             assert "<Figure size" not in text, "a figure showed as text, not as an image"
             print(f"browser: {NOTEBOOK} opened as a notebook ({n_cells} cells), ran in {run_s:.1f} s, "
-                  f"{imgs.count()} image(s); modified on open: {dirty_on_open}; screenshots: {artefacts}")
+                  f"{imgs.count()} image(s); modified on open: {dirty_on_open}, once the kernel ran: "
+                  f"{dirty_with_kernel}; screenshots: {artefacts}")
+            assert not dirty_on_open and not dirty_with_kernel, "the notebook showed as modified on open"
         except BaseException:
-            try:  # what the browser showed when the test failed, beside the server log
-                page.screenshot(path=str(artefacts / "99_failure.png"), full_page=True)
-                (artefacts / "99_failure.html").write_text(page.content())
-                shutil.copy(log_path, artefacts / "99_failure_lab.log")
-                (artefacts / "99_failure_console.txt").write_text("\n".join(console))
-            except Exception:
-                pass
+            _keep_failure(page, artefacts, log_path, console)
             raise
         finally:
             browser.close()
     assert (ROOT / NOTEBOOK).read_bytes() == source_before, f"{NOTEBOOK} was rewritten by JupyterLab"
+
+
+def test_distillation_curves_render_as_images_after_a_smoke_run(jupyterlab, lab_runs, artefacts, tmp_path):
+    """Notebook 30 smoke-sized through papermill (random teacher, a few steps, ~20 s), then its
+    executed.ipynb in JupyterLab: the curve cell shows an <img>, not the text <Figure size ...>."""
+    chromium, sync_playwright = _playwright()   # skip before running anything when no browser
+    base, token, log_path = jupyterlab
+    manifest = tmp_path / "browser.yaml"
+    manifest.write_text(yaml.safe_dump({"jobs": [{
+        "name": "distill", "notebook": DISTILL_NOTEBOOK, "stage": "distill", "run": "browser_distill",
+        "set": {"teacher_run": ""}}]}))
+    (job,) = batch.resolve_jobs(manifest, smoke=True)
+    assert batch.run_job(job, runs_root=lab_runs, log=lambda *a, **k: None) == batch.DONE, \
+        (job.run_dir(lab_runs) / "FAILED").read_text() if (job.run_dir(lab_runs) / "FAILED").exists() else ""
+    executed = job.run_dir(lab_runs) / "executed.ipynb"
+    rel = executed.relative_to(ROOT).as_posix()
+    args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=args + ["--disable-gpu"])
+        page, console = None, []
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(f"{base}/lab/tree/{rel}?token={token}", wait_until="domcontentloaded")
+            panel = page.locator(".jp-NotebookPanel:visible").first
+            panel.wait_for(state="visible", timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell').length > 3",
+                                   timeout=30_000)
+            curve = panel.locator(".jp-CodeCell").filter(
+                has=page.locator(".jp-InputArea", has_text="curves_figure"))
+            assert curve.count() == 1, f"{curve.count()} cells call figures.curves_figure in {rel}"
+            curve.first.scroll_into_view_if_needed()
+            imgs = curve.first.locator(".jp-OutputArea-output img")
+            imgs.first.wait_for(state="attached", timeout=30_000)
+            text = "\n".join(curve.first.locator(".jp-OutputArea-output").all_inner_texts())
+            curve.first.screenshot(path=str(artefacts / "04_distill_curve_cell.png"))
+            page.screenshot(path=str(artefacts / "05_distill_executed.png"), full_page=True)
+            assert imgs.count() >= 1, "the curve cell shows no <img>"
+            assert "<Figure size" not in text, f"the curve cell shows a figure as text: {text[:200]!r}"
+            all_text = "\n".join(panel.locator(".jp-OutputArea-output").all_inner_texts())
+            assert "<Figure size" not in all_text, "a figure of notebook 30 showed as text, not as an image"
+            print(f"browser: {rel} opened; curve cell: {imgs.count()} image(s); screenshots: {artefacts}")
+        except BaseException:
+            _keep_failure(page, artefacts, log_path, console)
+            raise
+        finally:
+            browser.close()

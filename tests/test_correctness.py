@@ -52,14 +52,19 @@ OTHER_FAMILIES = ["wrn_tiny", "mobilenet_v2_tiny"]
 HET_BATCH = {"wrn_tiny": B, "mobilenet_v2_tiny": 8}
 
 
-def make(name: str, *, student_arch: str = "resnet_tiny_s", seed: int = 0, **kw):
-    base = dict(batch_size=B, g_steps=1, s_steps=1, nz=16, ngf=4, sfcl_dim=8, cmi_dim=8, cmi_bank_size=16,
-                pool_size=16)
+# each method's own options at these sizes (a test's method_options go on top)
+SMALL_OPTIONS = {"cmi": dict(dim=8, bank_size=16, pool_size=16), "zskd": dict(pool_size=16), "adi": dict(pool_size=16)}
+
+
+def make(name: str, *, student_arch: str = "resnet_tiny_s", seed: int = 0, method_options: dict | None = None, **kw):
+    base = dict(batch_size=B, g_steps=1, s_steps=1, nz=16, ngf=4, sfcl_dim=8)
     base.update(kw)
+    opts = {**SMALL_OPTIONS.get(name, {}), **(method_options or {})}
     torch.manual_seed(seed)
     teacher = create_model("resnet_tiny_t", K)
     student = create_model(student_arch, K)
-    return create_method(name, teacher, student, tiny_cfg(**base), num_classes=K, image_size=S, device="cpu")
+    return create_method(name, teacher, student, tiny_cfg(name, method_options=opts, **base), num_classes=K,
+                         image_size=S, device="cpu")
 
 
 def fixed_images(seed: int = 5, n: int = B) -> torch.Tensor:
@@ -106,7 +111,7 @@ def g_dfkd_fgvc(m, x):   # Eq. 10: alpha * L_BN - L_KD (each term behind its swi
 
 
 def g_dfq(m, x):   # DFQ: bn * L_BN - adv * KL(T||S) + oh * CE(t, argmax t) + balance * sum p log p
-    c = m.cfg
+    c = m.opts
     with bn_prior(m.teacher) as bn:
         t = m.teacher(x)
     kl = _kl(m, m.student(x), t)
@@ -114,17 +119,17 @@ def g_dfq(m, x):   # DFQ: bn * L_BN - adv * KL(T||S) + oh * CE(t, argmax t) + ba
     p = F.softmax(t, 1).mean(0)
     bal = (p * p.log()).sum()
     parts = {"bn": bn.loss(), "adv": kl, "oh": oh, "balance": bal}
-    return c.dfq_bn * parts["bn"] - c.dfq_adv * kl + c.dfq_oh * oh + c.dfq_balance * bal, parts
+    return c.bn * parts["bn"] - c.adv * kl + c.oh * oh + c.balance * bal, parts
 
 
 def g_dafl(m, x):   # DAFL: oh * CE(t, argmax t) + a * (-mean |f_T|) + ie * sum p log10 p
-    c = m.cfg
+    c = m.opts
     f = m.teacher.forward_features(x)
     oh = F.cross_entropy(f.logits, f.logits.argmax(1))
     act = -f.penultimate.abs().mean()
     p = F.softmax(f.logits, 1).mean(0)
     ie = (p * torch.log10(p)).sum()
-    return c.dafl_oh * oh + c.dafl_a * act + c.dafl_ie * ie, {"oh": oh, "act": act, "ie": ie}
+    return c.oh * oh + c.a * act + c.ie * ie, {"oh": oh, "act": act, "ie": ie}
 
 
 def g_zskt(m, x):   # ZSKT: max_G KL(T||S)
@@ -141,15 +146,15 @@ def g_mad(m, x):   # MAD: bn * L_BN - KL(T||S)
     with bn_prior(m.teacher) as bn:
         t = m.teacher(x)
     kl = _kl(m, m.student(x), t)
-    return m.cfg.mad_bn * bn.loss() - kl, {"bn": bn.loss(), "adv": kl}
+    return m.opts.bn * bn.loss() - kl, {"bn": bn.loss(), "adv": kl}
 
 
 G_FORMULA = {"dfkd_fgvc": g_dfkd_fgvc, "dfq": g_dfq, "dafl": g_dafl, "zskt": g_zskt, "dfad": g_dfad, "mad": g_mad}
 # weights away from their defaults (and from each other), so a swapped or hard-coded weight shows
-G_WEIGHTS = {"dfkd_fgvc": dict(alpha=0.7, kd_T=2.0), "dfq": dict(dfq_bn=0.7, dfq_adv=1.3, dfq_oh=0.4, dfq_balance=3.0,
-                                                                kd_T=2.0),
-             "dafl": dict(dafl_oh=0.6, dafl_a=0.3, dafl_ie=2.0), "zskt": dict(kd_T=2.0), "dfad": {},
-             "mad": dict(mad_bn=0.6, kd_T=2.0)}
+G_WEIGHTS = {"dfkd_fgvc": dict(alpha=0.7, kd_T=2.0),
+             "dfq": dict(method_options=dict(bn=0.7, adv=1.3, oh=0.4, balance=3.0), kd_T=2.0),
+             "dafl": dict(method_options=dict(oh=0.6, a=0.3, ie=2.0)), "zskt": dict(kd_T=2.0), "dfad": {},
+             "mad": dict(method_options=dict(bn=0.6), kd_T=2.0)}
 
 
 def s_dfkd_fgvc(m, x):   # Eq. 11: L_KD + beta * L_MHAD + gamma * L_SFCL (each behind its switch)
@@ -181,7 +186,7 @@ def s_zskt(m, x):   # ZSKT: KL(T||S) + at * sum_l AT_l (ResNet -> ResNet: stage 
     t, s = m.teacher.forward_features(x), m.student.forward_features(x)
     kl = _kl(m, s.logits, t.logits)
     at = sum(at_loss(a, b) for a, b in zip(t.stages, s.stages))
-    return kl + m.cfg.zskt_at * at, {"kd": kl, "at": at}
+    return kl + m.opts.at * at, {"kd": kl, "at": at}
 
 
 def s_dfad(m, x):   # DFAD: mean |t - s|
@@ -191,7 +196,7 @@ def s_dfad(m, x):   # DFAD: mean |t - s|
 
 S_FORMULA = {"dfkd_fgvc": s_dfkd_fgvc, "dfq": s_kd, "dafl": s_kd, "mad": s_kd, "cmi": s_kd, "zskt": s_zskt,
              "dfad": s_dfad}
-S_WEIGHTS = {"dfkd_fgvc": dict(beta=3.0, gamma=0.5, kd_T=2.0), "zskt": dict(zskt_at=50.0, kd_T=2.0),
+S_WEIGHTS = {"dfkd_fgvc": dict(beta=3.0, gamma=0.5, kd_T=2.0), "zskt": dict(method_options=dict(at=50.0), kd_T=2.0),
              "dfq": dict(kd_T=2.0), "dafl": dict(kd_T=3.0), "mad": dict(kd_T=2.0), "cmi": dict(kd_T=2.0), "dfad": {}}
 
 
@@ -279,12 +284,12 @@ def test_dfkd_fgvc_student_switches(off, mha_mode):
 def test_cmi_generator_step_is_its_objective(monkeypatch):
     """CMI: bn * L_BN + oh * CE(T(x), y) - adv * KL(T||S) + contrast * L_cr, head trained with G."""
     monkeypatch.setattr(cmi_mod, "random_resized_crop", lambda x: x.flip(-1))   # a fixed local view
-    m = make("cmi", cmi_bn=0.7, cmi_oh=0.4, cmi_adv=1.3, cmi_contrast=0.6, cmi_tau=0.2, kd_T=2.0, g_steps=2)
+    m = make("cmi", method_options=dict(bn=0.7, oh=0.4, adv=1.3, contrast=0.6, tau=0.2), kd_T=2.0, g_steps=2)
     twin = copy.deepcopy(m)
     with m.generator_phase():
         torch.manual_seed(1)
         out = m.generator_step()
-    c = twin.cfg
+    c = twin.opts
     with twin.generator_phase():
         torch.manual_seed(1)
         twin.start_round()
@@ -296,8 +301,8 @@ def test_cmi_generator_step_is_its_objective(monkeypatch):
         kl = _kl(twin, twin.student(x), t.logits)
         local = twin.teacher.forward_features(x.flip(-1)).penultimate
         h_local, h_global = twin.head(torch.cat([local, t.penultimate])).chunk(2)
-        cr = cmi_mod.contrastive_loss(h_local, h_global, B, c.cmi_tau)
-        expected = c.cmi_bn * bn.loss() + c.cmi_oh * oh - c.cmi_adv * kl + c.cmi_contrast * cr
+        cr = cmi_mod.contrastive_loss(h_local, h_global, B, c.tau)
+        expected = c.bn * bn.loss() + c.oh * oh - c.adv * kl + c.contrast * cr
         twin.optimize(twin.g_opt, expected)
     for k, v in {"bn": bn.loss(), "oh": oh, "adv": kl, "contrast": cr}.items():
         assert abs(v.item()) > 1e-6, k
@@ -311,8 +316,8 @@ def test_cmi_generator_step_is_its_objective(monkeypatch):
 def test_adi_crafting_step_is_its_objective(monkeypatch, competition):
     """ADI: CE(T(x), y) + bn * R_BN (first BN x mul) + tv * R_TV + l2 * ||x|| + comp * (1 - JS)."""
     monkeypatch.setattr(adi_mod.ADI, "augment", lambda self, x: x)   # jitter/flip off: fixed inputs
-    m = make("adi", adi_craft_steps=3, adi_bn=0.3, adi_tv=0.01, adi_l2=0.02, adi_first_bn_mul=4.0,
-             adi_competition=competition)
+    m = make("adi", method_options=dict(craft_steps=3, bn=0.3, tv=0.01, l2=0.02, first_bn_mul=4.0,
+                                        competition=competition))
     twin = copy.deepcopy(m)
     with m.generator_phase():
         torch.manual_seed(1)
@@ -329,7 +334,7 @@ def test_adi_crafting_step_is_its_objective(monkeypatch, competition):
                                     x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:]))
         l2 = x.flatten(1).norm(dim=1).mean()
         comp = js_competition(twin.student(x), t, T=3.0)
-        expected = ce + c.adi_bn * bn.loss() + c.adi_tv * tv + c.adi_l2 * l2 + competition * comp
+        expected = ce + twin.opts.bn * bn.loss() + twin.opts.tv * tv + twin.opts.l2 * l2 + competition * comp
         b.opt.zero_grad()
         expected.backward()
         b.opt.step()
@@ -344,7 +349,7 @@ def test_adi_crafting_step_is_its_objective(monkeypatch, competition):
 
 def test_zskd_crafting_and_student_steps_are_its_objective():
     """ZSKD: impressions minimise CE(y, softmax(T(x) / T)); the student minimises KD at that T."""
-    m = make("zskd", zskd_craft_steps=1, zskd_T=4.0)
+    m = make("zskd", method_options=dict(craft_steps=1, T=4.0))
     twin = copy.deepcopy(m)
     with m.generator_phase():
         torch.manual_seed(1)
@@ -371,7 +376,7 @@ def _crafted_student_step(m, T):
 
 
 def test_adi_student_step_is_kd_on_the_pool():
-    m = make("adi", adi_craft_steps=1, kd_T=2.0)
+    m = make("adi", method_options=dict(craft_steps=1), kd_T=2.0)
     with m.generator_phase():
         m.generator_step()
     _crafted_student_step(m, T=2.0)
@@ -413,7 +418,7 @@ def test_optimisers_of_every_method_are_disjoint_and_skip_the_teacher(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_teacher_stays_bit_identical(name):
-    extra = {f"{name}_craft_steps": 3} if name in CRAFTING else {}
+    extra = {"method_options": {"craft_steps": 3}} if name in CRAFTING else {}
     m = make(name, g_steps=2, s_steps=2, **extra)
     before = {k: v.clone() for k, v in m.teacher.state_dict().items()}   # params + BN running stats
     for _ in range(2):
@@ -480,7 +485,7 @@ def test_heterogeneous_student_through_dfkd_fgvc(student_arch, mha_mode):
 @pytest.mark.parametrize("student_arch", OTHER_FAMILIES)
 @pytest.mark.parametrize("name", ALL)
 def test_heterogeneous_student_through_every_method(name, student_arch):
-    extra = {f"{name}_craft_steps": 1} if name in CRAFTING else {}
+    extra = {"method_options": {"craft_steps": 1}} if name in CRAFTING else {}
     m = make(name, student_arch=student_arch, batch_size=HET_BATCH[student_arch], **extra)
     s0 = params_of(m.student)
     losses = m.iteration()
@@ -512,7 +517,7 @@ def test_budget_of_one_iteration_is_exact(name):
     want = expected_budget(name, g, s, B)
     if want is None:
         pytest.skip(f"{name}: no pinned budget yet (method under construction)")
-    extra = {f"{name}_craft_steps": g} if name in CRAFTING else {}
+    extra = {"method_options": {"craft_steps": g}} if name in CRAFTING else {}
     m = make(name, g_steps=g, s_steps=s, **extra)
     m.iteration()
     assert m.budget() == want
@@ -533,12 +538,13 @@ class Killed(RuntimeError):
 
 
 def _distill_cfg(name, run_name, **kw):
-    extra = {f"{name}_craft_steps": 3} if name in CRAFTING else {}
+    extra = {"method_options": {"craft_steps": 3}} if name in CRAFTING else {}
     base = dict(run_name=run_name, method=name, dataset="toy_fgvc", image_size=S, toy_num_classes=K,
                 toy_train_per_class=2, toy_test_per_class=2, epochs=2, iters_per_epoch=2, checkpoint_every=1,
                 max_eval_batches=1, test_batch_size=8, sample_every=100, batch_size=B, nz=16, ngf=4,
-                sfcl_dim=8, cmi_dim=8, cmi_bank_size=16, pool_size=16, g_steps=1, s_steps=1, **extra)
+                sfcl_dim=8, g_steps=1, s_steps=1, **extra)
     base.update(kw)
+    base["method_options"] = {**SMALL_OPTIONS.get(name, {}), **base.get("method_options", {})}
     return tiny_cfg(**base)
 
 
@@ -618,21 +624,21 @@ def deepinversion_lr(base: float, step: int, warmup: int, total: int) -> float:
 
 
 def test_adi_crafts_with_deepinversions_cosine_policy():
-    m = make("adi", adi_craft_steps=40, adi_lr=0.2)   # warm-up 40 / 20 = 2 steps
+    m = make("adi", method_options=dict(craft_steps=40, lr=0.2))   # warm-up 40 / 20 = 2 steps
     lrs = []
     with m.generator_phase():
         for _ in range(5):
             m.generator_step()
             lrs.append(m.craft.opt.param_groups[0]["lr"])
         state = roundtrip(m.checkpoint_state())
-        other = make("adi", adi_craft_steps=40, adi_lr=0.2, seed=3)
+        other = make("adi", method_options=dict(craft_steps=40, lr=0.2), seed=3)
         other.load_checkpoint_state(state)
         other.generator_step()
         m.generator_step()
     assert lrs == pytest.approx([deepinversion_lr(0.2, k, 2, 40) for k in range(5)])
     assert other.craft.opt.param_groups[0]["lr"] == pytest.approx(deepinversion_lr(0.2, 5, 2, 40))
     assert m.craft.opt.param_groups[0]["lr"] == other.craft.opt.param_groups[0]["lr"]
-    const = make("adi", adi_craft_steps=40, adi_lr=0.2, adi_lr_schedule="constant")
+    const = make("adi", method_options=dict(craft_steps=40, lr=0.2, lr_schedule="constant"))
     with const.generator_phase():
         for _ in range(3):
             const.generator_step()
@@ -662,7 +668,7 @@ def test_generator_lr_schedule_switch(name):
 # ================================================================================================
 BAD_DISTILL = [("sam_softmax", "rows"), ("block_norm", "x"), ("output_map", "x"), ("kd_direction", "x"),
                ("mha_mode", "x"), ("mhad_mode", "x"), ("amp", "x"), ("replay", "x"), ("replay_aug", "x"),
-               ("fast_meta", "x"), ("g_lr_schedule", "x"), ("adi_lr_schedule", "x"), ("image_size", 0),
+               ("g_lr_schedule", "x"), ("image_size", 0),
                ("batch_size", 1), ("epochs", 0), ("mha_order", 0), ("mha_order", 7), ("replay_fresh", 1.5),
                ("replay_fresh", -0.1), ("replay_size", 0), ("lr_g", 0.0), ("lr_s", -1.0), ("tau", float("inf")),
                ("kd_T", float("nan"))]

@@ -7,9 +7,15 @@ the single process: gradients and losses to ~1e-5, weights after an iteration to
 differs - sums over 4 rows instead of 8, E[x^2] - mean^2 for global BN statistics - and Adam's
 first step turns gradients that are zero up to rounding, e.g. of a conv bias followed by BN, into
 +-lr updates). The BN prior and SFCL reductions are also checked here without processes.
+
+The same launch runs every registered method (``METHODS``, defaults) for 2 iterations: each is
+equivalent to one process on the global batch (pools, banks and crafted batches included), and
+three pool methods are killed and resumed under torchrun, bit-identical to uninterrupted runs on
+every rank (``docs/decisions.md#speed``: global pools, per-rank rows gathered into checkpoints).
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -46,7 +52,7 @@ def ddp(tmp_path_factory) -> Path:
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(HERE / "dist_worker.py"), "all", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return out
 
@@ -196,3 +202,127 @@ def test_teacher_under_torchrun(ddp, tmp_path):
     wb, _ = tracking.load_weights(ddp / "runs" / "teacher" / cfg.run_name / "weights" / "last.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# every method: 2 ranks against one process; pool methods killed and resumed under torchrun
+# --------------------------------------------------------------------------------------------
+def _flat(obj, prefix: str = "") -> dict:
+    """Nested dicts/lists of a checkpoint state -> {"a.b.0.c": leaf}."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def _assert_identical(a: dict, b: dict, what: str) -> None:
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys(), (what, sorted(fa.keys() ^ fb.keys())[:5])
+    for k, v in fa.items():
+        same = torch.equal(v, fb[k]) if torch.is_tensor(v) else v == fb[k]
+        assert same, f"{what}: {k} differs"
+
+
+def _is_optimizer_moment(key: str) -> bool:
+    # Adam moments and SGD momenta: gradients that are zero up to rounding (a bias in front of BN)
+    # make them noise (relative error ~1); their effect is checked through the weights
+    return key.startswith(("s_opt.", "g_opt.")) or ".opt.state." in key
+
+
+def _assert_equivalent(ddp: dict, ref: dict, variant: str) -> None:
+    """Rank 0's checkpoint against one process's: pools (uint8) to one grey level, integers
+    exactly, generator weights to 1e-2 absolute (Adam makes rounding-level gradients +-lr_g steps:
+    4 steps of 1e-3 here), every other float tensor to 1e-2 of its norm (measured: <= 1.5e-3;
+    a per-rank pool, batch statistic or contrastive candidate set gives 1e-1 .. 1e0)."""
+    fd, fr = _flat(ddp), _flat(ref)
+    assert fd.keys() == fr.keys(), (variant, sorted(fd.keys() ^ fr.keys())[:5])
+    for k, b in fr.items():
+        a = fd[k]
+        if not torch.is_tensor(b):
+            assert a == b, (variant, k, a, b)
+        elif b.dtype == torch.uint8:            # pool images
+            d = (a.int() - b.int()).abs()
+            assert a.shape == b.shape and (d.numel() == 0 or (d.max() <= 1 and (d > 0).float().mean() < 0.01)), \
+                (variant, k)
+        elif not b.is_floating_point():
+            assert torch.equal(a, b), (variant, k)
+        elif _is_optimizer_moment(k) or b.numel() == 0:
+            continue
+        elif k.startswith("modules.generator"):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-2, msg=lambda m, k=k: f"{variant} {k}: {m}")
+        else:
+            err, size = (a.double() - b.double()).norm(), b.double().norm()
+            assert err <= 1e-2 * size + 1e-6, (variant, k, float(err), float(size))
+
+
+@pytest.mark.parametrize("variant", list(worker.method_variants()))
+def test_every_method_on_two_ranks_matches_one_process(ddp, variant):
+    """Each registered method (defaults), 2 gloo ranks of 4 rows against one process on the global
+    batch of 8, 2 iterations of (2 G + 2 S) steps: both ranks hold the same state (weights, BN
+    statistics, optimisers, pools, CMI's bank, ADI's batch in progress, RNG), the same RNG as one
+    process (the same draws were made), and losses, budget and state match that process.
+
+    Why this holds for methods with per-sample randomness: every per-sample draw (noise, targets,
+    augmentation parameters, pool indices) is the rank's rows of the global batch's draw
+    (``dist.rank_rows``), pools and banks gather every rank's rows (each rank holds the single
+    process's pool), batch statistics go through the differentiable collectives, CMI's candidates
+    are the global batch, and inputs optimised per rank (ZSKD/ADI images, Fast's z) get the single
+    process's gradient (``dist.scale_own_rows_grad``).
+
+    ``dfkd_fgvc_pool_mixup_fresh`` (``replay_aug='crop_flip_mixup'``, ``replay_fresh=0.25``) is NOT
+    equivalent, by design: mixup pairs each image with a partner among this rank's rows only (a
+    global pairing would all-gather every student batch), and with a fresh share the augmentation
+    draws meet the rows in another order (fresh rows of every rank first in one process); both
+    are equal to one process in distribution only. For it the test checks the weaker property that
+    data parallel needs: the ranks stay identical (same RNG, same weights, same pool).
+    """
+    r0 = _load(ddp / "methods" / f"{variant}_rank0.pt")
+    r1 = _load(ddp / "methods" / f"{variant}_rank1.pt")
+    _assert_identical(r0["checkpoint"], r1["checkpoint"], f"{variant}: rank 0 vs rank 1")
+    assert torch.equal(r0["rng"], r1["rng"]) and r0["losses"] == r1["losses"]
+    assert all(math.isfinite(v) for it in r0["losses"] for v in it.values()), r0["losses"]
+    if variant in worker.NOT_EQUIVALENT:
+        return
+    ref = worker.method_record(worker.build_variant(variant))
+    assert r0["budget"] == ref["budget"]
+    assert torch.equal(r0["rng"], ref["rng"]), f"{variant}: the ranks drew other random numbers than one process"
+    for i, (got, want) in enumerate(zip(r0["losses"], ref["losses"])):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=2e-3, abs=1e-6), (variant, i, k)
+    _assert_equivalent(r0["checkpoint"], ref["checkpoint"], variant)
+
+
+@pytest.mark.parametrize("variant", worker.RESUME_VARIANTS)
+def test_pool_method_killed_under_torchrun_resumes_bit_identical(ddp, variant):
+    """``distill`` on 2 ranks killed after iteration 1 (every rank) and resumed from rank 0's
+    ``state/last.pt`` ends bit-identical, on each rank, to the uninterrupted run: weights,
+    optimisers, the replay pool / image pool, CMI's bank and round targets, ADI's batch in
+    progress, RNG. Possible because the state rank 0 writes is the global one: pools hold every
+    rank's images and per-rank rows (a batch being crafted) are gathered, and each rank restores
+    its own rows. The state also loads into one process (any world size resumes)."""
+    from dfkd.methods import create_method
+    from dfkd.models import create_model
+    for r in (0, 1):
+        full = _load(ddp / "resume" / f"{variant}_full_rank{r}.pt")
+        resumed = _load(ddp / "resume" / f"{variant}_killed_rank{r}.pt")
+        _assert_identical(full, resumed, f"{variant} rank {r}: uninterrupted vs killed + resumed")
+    at_kill = _load(ddp / "resume" / f"{variant}_at_kill.pt")
+    assert at_kill["global_iter"] == 1
+    state = at_kill["method"]
+    # what one process holds after iteration 1 on the global batch of 8
+    if variant == "dfkd_fgvc_pool":
+        assert state["replay"]["size"] == 16               # 2 generator steps x 8 images
+    elif variant == "cmi":
+        assert state["pool"]["size"] == 8 and state["round_targets"].shape == (8,)
+        assert int(state["modules"]["cmi_bank_count"]) == 8
+    else:                                                   # adi: a batch 2 of 3 steps in, no pool yet
+        assert state["pool"]["size"] == 0 and state["craft"]["steps"] == 2
+        assert state["craft"]["x"].shape[0] == 8 and state["craft"]["opt"]["state"][0]["exp_avg"].shape[0] == 8
+    cfg = worker.resume_cfg(variant, "single")
+    torch.manual_seed(0)
+    one = create_method(cfg.method, create_model(cfg.teacher_arch, 4), create_model(cfg.student_arch, 4), cfg,
+                        num_classes=4, image_size=cfg.image_size, device="cpu")
+    one.load_checkpoint_state(state)
+    _assert_identical(one.checkpoint_state(), state, f"{variant}: 2-rank state loaded into one process")

@@ -69,6 +69,40 @@ def test_each_method_writes_the_same_result_format(smoke_runs, method):
     assert (runs / f"distill/smoke_method_{method}/weights/student.safetensors").exists()
 
 
+def test_method_options_reach_the_method_through_papermill(smoke_runs):
+    """A dict parameter survives papermill's injection and params.yaml (what a resume compares)."""
+    import yaml
+    runs, _ = smoke_runs
+    s = _summary(runs, "distill", "smoke_options_cmi")
+    params = yaml.safe_load((runs / "distill/smoke_options_cmi/params.yaml").read_text())
+    assert s["method"] == params["method"] == "cmi"
+    assert params["method_options"] == {"bank_size": 64, "pool_size": 32, "tau": 0.2}
+    import torch
+    state = torch.load(runs / "distill/smoke_options_cmi/state/last.pt", weights_only=True)
+    assert state["method"]["modules"]["cmi_bank"].shape[0] == 64   # the option, not the default 4096
+
+
+def test_notebook_rejects_a_method_options_typo_before_running(tmp_path):
+    """Notebook 30 run directly by papermill (no batch runner to check first): its config cell
+    fails on the typo, naming the key, the method and its options, before any run folder exists."""
+    import jupytext
+    import nbformat
+    import papermill
+    src = tmp_path / "30.ipynb"
+    nbformat.write(jupytext.read(ROOT / "notebooks/30_distillation.py"), src)
+    runs = tmp_path / "runs"
+    env = {"DFKD_RUNS": str(runs), "TQDM_DISABLE": "1"}
+    with batch._environ(env), batch._quiet_papermill():
+        with pytest.raises(papermill.PapermillExecutionError) as e:
+            papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                                       parameters={"method": "cmi", "method_options": {"tua": 0.2},
+                                                   "teacher_run": "", "run_name": "typo"},
+                                       cwd=str(ROOT), progress_bar=False, execution_timeout=120)
+    assert e.value.ename == "ConfigError", e.value.ename
+    assert "'tua'" in e.value.evalue and "'cmi'" in e.value.evalue and "bank_size" in e.value.evalue
+    assert not (runs / "distill" / "typo").exists()
+
+
 def test_reports_and_figures(smoke_runs):
     runs, _ = smoke_runs
     for name in ("smoke_overview", "smoke_ablations", "smoke_grids", "smoke_tsne", "smoke_gradcam"):

@@ -86,7 +86,8 @@ def test_random_crop_is_a_shifted_window():
 def test_config_rejects_bad_replay_values():
     from dfkd.config import validate
     for bad, key in ((dict(replay="bank"), "replay"), (dict(replay_fresh=1.5), "replay_fresh"),
-                     (dict(replay_aug="mixup"), "replay_aug"), (dict(fast_meta="maml"), "fast_meta"),
+                     (dict(replay_aug="mixup"), "replay_aug"),
+                     (dict(method="fast", method_options={"meta": "maml"}), "'meta'.*'fast'"),
                      (dict(replay_size=0), "replay_size")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
@@ -163,7 +164,7 @@ def test_meta_gradients_by_hand():
     acc = [torch.ones(1, 2), torch.full((1,), 3.0)]
     fo = meta_gradients(meta, fast, "fomaml", acc)
     assert torch.equal(fo[0], acc[0]) and torch.equal(fo[1], acc[1])
-    with pytest.raises(ValueError, match="fast_meta"):
+    with pytest.raises(ValueError, match="meta='maml2'"):
         meta_gradients(meta, fast, "maml2")
 
 
@@ -171,8 +172,8 @@ def test_meta_gradients_by_hand():
 def test_fast_round_meta_update_by_hand(mode, monkeypatch):
     """One synthesis round of ``g_steps`` inner steps, then one Adam step of the meta generator
     on the meta gradient; Adam's first step is lr * g / (|g| + eps) per element (bias-corrected)."""
-    m = build("fast", fast_meta=mode, g_steps=2, replay="pool", replay_size=32, lr_g=1e-3,
-              fast_reset_l0=False)
+    m = build("fast", method_options={"meta": mode, "reset_l0": False}, g_steps=2, replay="pool",
+              replay_size=32, lr_g=1e-3)
     before = [p.detach().clone() for p in m.generator.parameters()]
     captured = {}
     real_end = m.end_round
@@ -196,7 +197,7 @@ def test_fast_round_meta_update_by_hand(mode, monkeypatch):
 
 
 def test_fast_warmup_skips_student_steps():
-    m = build("fast", fast_warmup=1, replay="pool", replay_size=32)
+    m = build("fast", method_options={"warmup": 1}, replay="pool", replay_size=32)
     s0 = [p.detach().clone() for p in m.student.parameters()]
     m.iteration()
     assert all(torch.equal(a, b) for a, b in zip(s0, m.student.parameters())) and m.counters["s_steps"] == 0

@@ -152,3 +152,109 @@ def test_widgets_construct_and_update():
     cam = widgets.browse_cams(x, np.random.rand(6, 8, 8))
     cam.children[0].children[0].value = 5
     assert all(hasattr(b, "children") for b in (box, att, cam))
+
+
+# ------------------------------------------------------------------------------------------------
+# maps and embeddings that mean something (issue 11)
+# ------------------------------------------------------------------------------------------------
+class PatchNet(nn.Module):
+    """Class k's logit is the mean over the image of a 3x3 box filter of colour channel k (k = 0
+    red, 1 green), through a stride-2 conv (the target layer, 12x16 for 24x32 inputs), ReLU and
+    global average pooling: a red patch is the evidence for class 0, a green one for class 1, and
+    nothing else moves either logit (constructed weights, no training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, stride=2, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            for k in range(2):
+                self.conv.weight[k, k] = 1.0 / 9
+        self.target_layer = self.conv
+        self.head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(2))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+H, W = 24, 32          # not square: a map with swapped axes cannot look right
+RED = (slice(2, 8), slice(20, 28))      # rows, columns of the planted patches (asymmetric places)
+GREEN = (slice(14, 22), slice(3, 11))
+
+
+def _patch_images() -> torch.Tensor:
+    """Two images on a faint noise background (< 0.1 in every channel): image 0 holds a red patch
+    only, image 1 a red and a green patch."""
+    x = 0.1 * torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+    x[:, 0, RED[0], RED[1]] = 1.0
+    x[1, 1, GREEN[0], GREEN[1]] = 1.0
+    return x
+
+
+def _inside(m: np.ndarray, box) -> np.ndarray:
+    mask = np.zeros(m.shape, bool)
+    mask[box] = True
+    return mask
+
+
+def _peak_on(m: np.ndarray, box) -> None:
+    """The map's maximum lies in ``box``, the box is hot and the rest (beyond a 2 px margin, the
+    reach of the 3x3 stride-2 receptive field and the upsampling) is cold."""
+    inside = _inside(m, box)
+    near = _inside(m, (slice(max(box[0].start - 2, 0), box[0].stop + 2),
+                       slice(max(box[1].start - 2, 0), box[1].stop + 2)))
+    row, col = np.unravel_index(np.argmax(m), m.shape)
+    assert inside[row, col], f"peak at ({row}, {col}), outside the patch rows {box[0]} cols {box[1]}"
+    assert m[inside].mean() > 0.6, m[inside].mean()
+    assert m[~near].max() < 0.2, m[~near].max()
+
+
+def test_gradcam_peaks_on_the_planted_patch_and_follows_targets():
+    model = PatchNet().eval()
+    x = _patch_images()
+    assert model(x).argmax(1).tolist() == [0, 1]                # the green patch is the larger one
+    with cams.GradCAMContext(model) as cam:
+        predicted = cam(x)                                      # targets=None: each image's own class
+        red = cam(x, targets=0)
+        green = cam(x, targets=[1, 1])
+        per_image = cam(x, targets=[0, 1])
+    assert red.shape == (2, H, W)
+    for i in range(2):
+        _peak_on(red[i], RED)                                   # class 0 looks at the red patch
+    _peak_on(green[1], GREEN)                                   # class 1 at the green one
+    np.testing.assert_allclose(predicted[0], red[0], atol=1e-6)
+    np.testing.assert_allclose(predicted[1], green[1], atol=1e-6)
+    np.testing.assert_allclose(per_image[0], red[0], atol=1e-6)
+    np.testing.assert_allclose(per_image[1], green[1], atol=1e-6)
+    # another target moves the map from one patch to the other
+    assert red[1][_inside(red[1], GREEN)].mean() < 0.2 and green[1][_inside(green[1], RED)].mean() < 0.2
+
+
+def _knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy (majority vote)."""
+    d = ((points[:, None, :] - points[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nearest = np.argsort(d, axis=1)[:, :k]
+    votes = np.stack([np.bincount(labels[row], minlength=labels.max() + 1) for row in nearest])
+    return float((votes.argmax(1) == labels).mean())
+
+
+def test_tsne_keeps_separated_clusters_apart_and_rows_aligned_with_labels():
+    """4 Gaussian clusters in 64-D whose centres differ only in dimensions 8.. (the first two
+    coordinates carry noise alone), rows in an arbitrary order: in 2-D a point's nearest
+    neighbours are still of its own class, with the labels in the caller's row order."""
+    rng = np.random.default_rng(0)
+    k, per, dim = 4, 15, 64
+    centres = np.zeros((k, dim))
+    centres[:, 8:] = rng.normal(size=(k, dim - 8)) * 1.5        # pairwise >= 12 sigma apart
+    labels = np.repeat(np.arange(k), per)
+    feats = centres[labels] + rng.normal(size=(k * per, dim))
+    order = rng.permutation(len(labels))                        # not grouped by class
+    feats, labels = feats[order].astype(np.float32), labels[order]
+    assert _knn_accuracy(feats, labels) == 1.0                  # separable in 64-D
+    assert _knn_accuracy(feats[:, :2], labels) < 0.6            # not in the first two coordinates
+    xy = embed.tsne_embed(torch.from_numpy(feats), seed=0, perplexity=10, max_iter=500)
+    assert xy.shape == (len(labels), 2)
+    assert _knn_accuracy(xy, labels) >= 0.95

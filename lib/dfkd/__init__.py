@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "paths", "config", "seed", "data", "models", "generator", "attention", "losses",
-    "methods", "train", "tracking", "batch", "bench", "dist", "viz",
+    "methods", "options", "train", "tracking", "batch", "bench", "dist", "viz",
 )
 
 

@@ -26,13 +26,22 @@ Layering (later wins): notebook defaults < params/base.yaml < job files < ``set`
 (a notebook that declares no ``run_name`` is "plain": the runner writes its summary.json).
 base.yaml, smoke.yaml and ``--set`` are shared by all jobs: their keys apply where a notebook
 declares them, and a key that no notebook declares is a typo and fails. Job keys (``params``
-files, ``set``, ``grid``) must be declared by the job's own notebook.
+files, ``set``, ``grid``) must be declared by the job's own notebook. A notebook "declares" the
+names of its parameters cell and every field of the config dataclass it builds with
+``collect(<Config>, globals())`` (a short cell holds what a person sets; the other fields keep
+their config defaults unless a job sets them, and papermill injects them).
+
+``method_options`` (a mapping: the chosen method's own hyper-parameters, ``docs/methods.md``) is
+merged key by key across the layers (a later layer's key wins), and the result is checked against
+the job's ``method`` before anything runs: an unknown or mistyped key fails, naming the key, the
+method and the method's known keys. ``--set 'method_options={tau: 0.2}'`` takes a YAML mapping.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -49,7 +58,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from dfkd import paths
+from dfkd import config, paths
 
 STAGES = ("teacher", "synthesis", "distill", "viz", "figures")
 DONE, SKIPPED, FAILED, BLOCKED, PLANNED = "done", "skipped", "failed", "blocked", "planned"
@@ -141,6 +150,35 @@ def notebook_parameters(notebook_path: str | Path) -> dict[str, tuple[str, Any]]
     if not path.is_file():
         raise BatchError(f"notebook {path} does not exist")
     return parse_parameters(_parameters_source(path), where=str(path))
+
+
+_COLLECT = re.compile(r"\bcollect\(\s*([A-Za-z_]\w*Config)\s*,")
+
+
+def notebook_config(notebook_path: str | Path):
+    """The :mod:`dfkd.config` dataclass a notebook builds with ``collect(<Config>, ...)``, or None."""
+    m = _COLLECT.search(Path(notebook_path).read_text())
+    cls = getattr(config, m.group(1), None) if m else None
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def job_parameters(notebook_path: str | Path) -> dict[str, tuple[str, Any]]:
+    """``{name: (type_name, default)}`` a job may set for a notebook: every field of the config it
+    collects (at the config's default) and, on top, its ``parameters`` cell (at the cell's default)."""
+    cell = notebook_parameters(notebook_path)
+    cls = notebook_config(notebook_path)
+    if cls is None:
+        return cell
+    defaults = config.field_defaults(cls)
+    fields = {f.name: (f.type if isinstance(f.type, str) else f.type.__name__, defaults[f.name])
+              for f in dataclasses.fields(cls)}
+    return {**fields, **cell}
+
+
+def _moved_hint(key: str) -> str:
+    """`` (it moved: ...)`` for a pre-method_options parameter name, else ''."""
+    moved = config.moved_parameter(key)
+    return f"; {moved}" if moved else ""
 
 
 def coerce(name: str, value: Any, type_name: str, where: str) -> Any:
@@ -281,8 +319,11 @@ def _read_params_file(path: Path) -> dict[str, Any]:
     data = load_yaml(path)
     if data is None:
         return {}
-    if not isinstance(data, dict) or any(isinstance(v, dict) for v in data.values()):
-        raise BatchError(f"{path}: parameter files are flat `key: value` mappings")
+    def flat(v) -> bool:   # a dict parameter (method_options) maps names to scalars
+        return not isinstance(v, dict) or not any(isinstance(x, (dict, list)) for x in v.values())
+    if not isinstance(data, dict) or not all(flat(v) for v in data.values()):
+        raise BatchError(f"{path}: parameter files are flat `key: value` mappings (a dict parameter "
+                         "such as method_options maps option names to scalars)")
     return data
 
 
@@ -291,7 +332,7 @@ def _declared_anywhere(root: Path, notebooks: Iterable[Path]) -> set[str]:
     names: set[str] = set()
     for nb in {*notebooks, *sorted((root / "notebooks").glob("*.py"))}:
         with contextlib.suppress(BatchError):  # e.g. an overview notebook without parameters
-            names |= set(notebook_parameters(nb))
+            names |= set(job_parameters(nb))
     return names
 
 
@@ -313,14 +354,15 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
         raise BatchError(f"--smoke needs {smoke_path}")
     smoke_params = _read_params_file(smoke_path) if smoke else {}
     nb_paths = {j.name: (root / j.notebook).resolve() for j in jobs}
-    declared = {n: notebook_parameters(p) for n, p in nb_paths.items()}
+    declared = {n: job_parameters(p) for n, p in nb_paths.items()}
     shared = [(base_path, base), (smoke_path, smoke_params)]
     if any(d for _, d in shared):
         known = _declared_anywhere(root, nb_paths.values())
         for p, d in shared:
             typos = sorted(set(d) - known)
             if typos:
-                raise BatchError(f"{p}: key(s) {typos} are declared by no notebook (typo?)")
+                raise BatchError(f"{p}: key(s) {typos} are declared by no notebook (typo?)"
+                                 + "".join(_moved_hint(t) for t in typos))
 
     resolved: list[ResolvedJob] = []
     for job in jobs:
@@ -344,15 +386,26 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                     where = f"job {job.name!r} ({label}, notebook {job.notebook})"
                     if k not in decl:
                         if strict:
-                            raise BatchError(f"{where}: unknown parameter {k!r}; the notebook "
-                                             f"declares {sorted(decl)}")
+                            raise BatchError(f"{where}: unknown parameter {k!r}{_moved_hint(k)}; "
+                                             f"the notebook declares {sorted(decl)}")
                         continue
                     if k == "run_name" and strict:
                         raise BatchError(f"{where}: run_name comes from the job's `run` template")
-                    values[k] = coerce(k, v, decl[k][0], where)
-                    sources[k] = label
+                    v, src = coerce(k, v, decl[k][0], where), label
+                    if isinstance(v, dict) and isinstance(values.get(k), dict):
+                        v = {**values[k], **v}   # method_options: merged key by key, later wins
+                        src = label if sources[k] == "default" else f"{sources[k]} + {label}"
+                    values[k] = v
+                    sources[k] = src
                     if label == "--set":
                         naming[k] = values[k]
+            if values.get("method_options"):   # the method's own options, before anything runs
+                try:
+                    values["method_options"] = config.check_method_options(
+                        values.get("method", config.DistillConfig.method), values["method_options"])
+                except config.ConfigError as e:
+                    raise BatchError(f"job {job.name!r} (method_options from {sources['method_options']}, "
+                                     f"notebook {job.notebook}): {e}") from None
             # string values of `set` may name other parameters, e.g. teacher_run: "r34_{dataset}"
             for k, v in job.set.items():
                 if isinstance(values.get(k), str) and "{" in values[k] and sources.get(k) == "set":
@@ -397,7 +450,8 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
     unknown = sorted(set(cli) - selected)
     if unknown:
         raise BatchError(f"--set: unknown parameter(s) {unknown}: declared by none of the notebooks "
-                         f"of the selected jobs ({sorted({str(r.notebook.name) for r in ordered})})")
+                         f"of the selected jobs ({sorted({str(r.notebook.name) for r in ordered})})"
+                         + "".join(_moved_hint(k) for k in unknown))
     return ordered
 
 

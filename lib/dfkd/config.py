@@ -2,8 +2,16 @@
 
 ``collect(Cls, namespace)`` builds a config from a notebook's globals (or any mapping) by field
 name and type-checks every value, in the spirit of nanoGPT's strict configurator: a parameter
-with the wrong type fails loudly instead of being silently coerced. ``check_overrides`` is what
-the batch runner uses to reject unknown keys before anything runs.
+with the wrong type fails loudly instead of being silently coerced. ``check_overrides`` rejects
+unknown keys and wrong types of a parameter mapping before anything runs.
+
+Each method's own hyper-parameters are not fields here: they live in an ``Options`` dataclass in
+the method's module (``dfkd.methods.<name>``) and reach a run as one parameter, ``method_options``
+(a mapping; ``{}`` = the method's defaults), checked against the chosen method by
+:func:`check_method_options` whenever a :class:`DistillConfig` is built. ``docs/methods.md`` lists
+them; the shared fields below are what every method reads (schedule, batch, optimisers, generator
+architecture) plus the paper method's own losses and switches, which Tables 3-5 sweep as
+parameters of their own (run templates and notebook 40 read them from params.yaml).
 """
 from __future__ import annotations
 
@@ -11,6 +19,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+from .options import ConfigError, coerce  # ConfigError lives there so methods need not import config
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +71,7 @@ class DistillConfig(DataConfig):
     """Data-free distillation with any registered method (notebook 30; Algorithm 1)."""
     run_name: str = "distill_dev"
     method: str = "dfkd_fgvc"          # key of dfkd.methods.METHODS
+    method_options: dict = field(default_factory=dict)  # the method's own Options ({} = defaults; docs/methods.md)
     teacher_run: str = ""              # runs/teacher/<teacher_run>; "" = random teacher (smoke only)
     teacher_arch: str = "resnet_tiny_t"  # only used when teacher_run == ""
     student_arch: str = "resnet_tiny_s"
@@ -113,50 +124,6 @@ class DistillConfig(DataConfig):
     replay_fresh: float = 0.0          # share of each student batch straight from the generator
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
-    # --- baselines (dfkd.methods; see their docstrings and docs/decisions.md#baselines) ---
-    zskd_beta: float = 1.0             # ZSKD Dirichlet concentration scale (times beta in {1.0, 0.1})
-    zskd_T: float = 20.0               # ZSKD softmax temperature (impressions and student KD)
-    zskd_lr: float = 0.01              # ZSKD Adam lr of the impressions
-    zskd_craft_steps: int = 0          # ZSKD Adam steps per impression batch (0 = g_steps; ZSKD: 1500)
-    zskt_at: float = 250.0             # ZSKT attention-transfer weight
-    dafl_oh: float = 1.0               # DAFL one-hot loss weight
-    dafl_a: float = 0.1                # DAFL activation loss weight
-    dafl_ie: float = 5.0               # DAFL information-entropy loss weight
-    adi_bn: float = 0.05               # ADI BN-statistics prior weight (DeepInversion r_feature, 224 px)
-    adi_tv: float = 1e-4               # ADI total-variation (L2) prior weight (224 px)
-    adi_l2: float = 1e-5               # ADI image L2 prior weight (224 px)
-    adi_first_bn_mul: float = 10.0     # ADI multiplier of the first BN layer's term
-    adi_competition: float = 0.2       # ADI adaptive competition weight
-    adi_lr: float = 0.2                # ADI Adam lr of the inputs (224 px)
-    adi_jitter: int = 0                # ADI max jitter in px (0 = 30 px scaled to image_size; 2 at 32)
-    adi_craft_steps: int = 0           # ADI Adam steps per batch (0 = g_steps; DeepInversion: 2000)
-    adi_lr_schedule: str = "cosine"    # ADI lr over a batch's steps: cosine with warm-up (DeepInversion) | constant
-    dfq_bn: float = 1.0                # DFQ BN prior weight
-    dfq_adv: float = 1.0               # DFQ adversarial (KL) weight
-    dfq_oh: float = 1.0                # DFQ one-hot (instance entropy) weight
-    dfq_balance: float = 20.0          # DFQ class-balance (batch entropy) weight
-    mad_momentum: float = 0.9          # MAD EMA generator momentum
-    mad_bn: float = 1.0                # MAD BN prior weight
-    mad_ema_fraction: float = 0.5      # MAD share of each student batch from the EMA generator
-    cmi_bn: float = 1.0                # CMI BN prior weight
-    cmi_oh: float = 0.5                # CMI cross-entropy (to sampled targets) weight
-    cmi_adv: float = 0.5               # CMI adversarial (KL) weight
-    cmi_adv_mask: bool = False         # CMI: adversarial KL only where S agrees with T (CMI's code)
-    cmi_contrast: float = 0.8          # CMI contrastive weight
-    cmi_tau: float = 0.1               # CMI contrastive temperature
-    cmi_dim: int = 256                 # CMI projection head output size
-    cmi_bank_size: int = 4096          # CMI memory bank (rows of past image features)
-    cmi_reset_generator: bool = False  # CMI: re-initialise G at every round start (CMI's code)
-    fast_lr_z: float = 0.015           # Fast: Adam lr of the round's noise z (CIFAR-10 script)
-    fast_bn: float = 10.0              # Fast: momentum BN prior weight
-    fast_oh: float = 0.5               # Fast: cross-entropy (to random targets) weight
-    fast_adv: float = 1.1              # Fast: masked adversarial KL weight
-    fast_bn_mmt: float = 0.9           # Fast: momentum of the BN prior's statistics memory
-    fast_T: float = 20.0               # Fast: KD temperature of the student steps
-    fast_meta: str = "fomaml"          # Fast: meta update fomaml (authors' is_maml 1) | reptile
-    fast_reset_l0: bool = True         # Fast: re-initialise the generator's first layer every round
-    fast_warmup: int = 0               # Fast: iterations of synthesis only (authors' warmup epochs)
-    pool_size: int = 0                 # pool of synthetic images (zskd/adi/cmi; 0 = 2048); others online
     # --- evaluation / logging / speed ---
     test_batch_size: int = 128
     max_eval_batches: int = 0          # 0 = the whole test split
@@ -168,6 +135,12 @@ class DistillConfig(DataConfig):
     compile: bool = False
     num_workers: int = 2
     interactive: bool = False
+
+    def __post_init__(self):
+        # the method's own options, checked against the chosen method (normalised: 1 -> 1.0 for a
+        # float option, so params.yaml compares equal on resume)
+        self.method_options = check_method_options(self.method, self.method_options)
+        super().__post_init__()
 
 
 @dataclass
@@ -209,34 +182,76 @@ STAGE_CONFIGS = {"teacher": TeacherConfig, "synthesis": SynthConfig, "distill": 
 # --------------------------------------------------------------------------------------------
 # Strict collection
 # --------------------------------------------------------------------------------------------
-class ConfigError(ValueError):
-    """A parameter is unknown, missing or of the wrong type."""
-
-
 def _check_type(name: str, value: Any, expected: type) -> Any:
-    # bool is an int subclass in Python: reject True for an int field and 1 for a bool field.
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif expected is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - only scalar fields are declared
-        return value
-    raise ConfigError(f"parameter {name!r} must be {expected.__name__}, got {type(value).__name__} "
-                      f"({value!r}); fix its value in the parameters cell, YAML file or --set")
+    if expected is dict:   # method_options: its keys and values are checked against the method
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"parameter {name!r} must be a mapping (e.g. {{}}), got {type(value).__name__} "
+                          f"({value!r}); fix its value in the parameters cell, YAML file or --set")
+    try:
+        return coerce(value, expected)   # bool is not an int here, an int is a float
+    except TypeError:
+        raise ConfigError(f"parameter {name!r} must be {expected.__name__}, got {type(value).__name__} "
+                          f"({value!r}); fix its value in the parameters cell, YAML file or --set") from None
 
 
 def field_types(cls) -> dict[str, type]:
     """``{field name: python type}`` of a config dataclass (annotations are strings here)."""
-    types = {"int": int, "float": float, "str": str, "bool": bool}
+    types = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
     return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+def field_defaults(cls) -> dict[str, Any]:
+    """``{field name: default}`` of a config dataclass (``default_factory`` fields called)."""
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in fields(cls)}
+
+
+# --------------------------------------------------------------------------------------------
+# method options (each method's Options dataclass, dfkd.methods.<name>; docs/methods.md)
+# --------------------------------------------------------------------------------------------
+def method_options_class(method: str):
+    """The ``Options`` dataclass of ``METHODS[method]``; an unknown method lists the registered ones."""
+    from .methods import METHODS   # here, not at the top: the registry imports torch (no cycle)
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not a registered method; registered: {sorted(METHODS)}")
+    return METHODS[method].Options
+
+
+def check_method_options(method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` checked against ``method``'s ``Options``: raises :class:`ConfigError` naming an
+    unknown or mistyped key, the method and its known keys. Returns the normalised mapping (int
+    values of float options as floats); ``{}`` (the method's defaults) is always valid."""
+    from . import options as opts
+    if options is None or (isinstance(options, Mapping) and not options):
+        return {}
+    if not isinstance(options, Mapping):
+        return opts.normalize(opts.NoOptions, options, method)   # raises: not a mapping
+    cls = method_options_class(method)
+
+    def hint(key: str) -> str | None:
+        from .methods import METHODS
+        others = [m for m, c in METHODS.items() if m != method and key in opts.option_fields(c.Options)]
+        if others:
+            return f"an option of {', '.join(others)}, not of {method}"
+        if key in field_types(DistillConfig):
+            return f"{key!r} is a parameter of its own: set it outside method_options"
+        return None
+    return opts.normalize(cls, options, method, hint=hint)
+
+
+def moved_parameter(name: str) -> str | None:
+    """For a pre-``method_options`` parameter name (``cmi_tau``, ``pool_size``, ...), the message that
+    says where it went; None for any other name."""
+    from .methods import METHODS
+    from .options import option_fields
+    owners = [(m, k) for m, cls in METHODS.items() for k in option_fields(cls.Options)
+              if name == f"{m}_{k}" or (name == k == "pool_size")]
+    if not owners:
+        return None
+    how = " or ".join(f"method={m!r} with method_options={{{k!r}: ...}}" for m, k in owners)
+    return (f"parameter {name!r} is now a method option: set {how} "
+            "(each method's options: docs/methods.md)")
 
 
 def collect(cls, namespace: Mapping[str, Any], **overrides):
@@ -249,7 +264,13 @@ def collect(cls, namespace: Mapping[str, Any], **overrides):
     types = field_types(cls)
     unknown = sorted(set(overrides) - set(types))
     if unknown:
-        raise ConfigError(f"unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(types)}")
+        moved = [m for m in map(moved_parameter, unknown) if m] if "method_options" in types else []
+        raise ConfigError("; ".join(moved) if moved else
+                          f"unknown parameter(s) {unknown} for {cls.__name__}; known: {sorted(types)}")
+    if "method_options" in types:   # an old-style name left in a notebook would be ignored silently
+        moved = [m for n in namespace if n not in types and (m := moved_parameter(n))]
+        if moved:
+            raise ConfigError("; ".join(moved))
     values = {}
     for name, typ in types.items():
         if name in overrides:
@@ -266,8 +287,11 @@ def check_overrides(cls, params: Mapping[str, Any]) -> None:
     types = field_types(cls)
     for k, v in params.items():
         if k not in types:
-            raise ConfigError(f"unknown parameter {k!r} for {cls.__name__}")
+            moved = moved_parameter(k) if "method_options" in types else None
+            raise ConfigError(moved or f"unknown parameter {k!r} for {cls.__name__}")
         _check_type(k, v, types[k])
+    if "method_options" in types and "method_options" in params:
+        check_method_options(params.get("method", field_defaults(cls)["method"]), params["method_options"])
 
 
 def validate(cfg) -> None:
@@ -280,12 +304,10 @@ def validate(cfg) -> None:
         "mha_mode": ("frozen", "trainable", "separate"),
         "mhad_mode": ("auto", "stages", "penultimate"),
         "g_lr_schedule": ("constant", "cosine"),
-        "adi_lr_schedule": ("constant", "cosine"),
         "amp": ("auto", "bf16", "off"),
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),
         "replay": ("off", "pool"),
-        "fast_meta": ("fomaml", "reptile"),
         "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix"),
     }
     for name, allowed in choices.items():

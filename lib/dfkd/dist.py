@@ -23,7 +23,14 @@ Design (``docs/decisions.md#speed``):
   global batch: ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere (SyncBatchNorm
   refuses CPU tensors). The teacher's BN prior (Eq. 3) averages mean and E[x^2] over ranks
   (``BNPrior(reduce=...)``), SFCL takes its negatives from the global batch (:func:`gather_rows`).
-- Rank 0 writes the run folder, evaluates and saves; every rank reads the resume state.
+- Every per-sample random draw (augmentation, pool indices) is the rank's rows of the global
+  draw (:func:`rank_rows`); image pools and CMI's bank gather every rank's rows
+  (:func:`all_gather_rows`), so each rank holds the pool one process would; inputs optimised per
+  rank get the single process's gradient (:func:`scale_own_rows_grad`). Every method then
+  computes what one process computes on the global batch (``tests/test_dist.py``).
+- Rank 0 writes the run folder, evaluates and saves; every rank reads the resume state. The saved
+  state is the global one (per-rank rows gathered by ``checkpoint_state``, a collective), and each
+  rank restores its own rows, so a killed torchrun run resumes exactly.
 """
 from __future__ import annotations
 
@@ -139,6 +146,68 @@ def all_reduce_mean_dict(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = sorted(d)
     stacked = all_reduce_mean(torch.stack([torch.as_tensor(d[k]).detach().float().reshape(()) for k in keys]))
     return dict(zip(keys, stacked.unbind(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# rows of the global batch
+# --------------------------------------------------------------------------------------------
+def rank_rows(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
+    """This rank's n rows of ``draw(n * world_size)`` (rows ``rank*n:(rank+1)*n``).
+
+    For per-sample random draws (augmentation parameters, pool indices): every rank draws the
+    global batch's values from the shared, identically seeded RNG and keeps its own rows, so the
+    ranks together use exactly what one process would draw for the global batch, and their RNG
+    states stay equal. One rank: ``draw(n)``.
+    """
+    ws = world_size()
+    if ws == 1:
+        return draw(n)
+    r = rank()
+    return draw(n * ws)[r * n:(r + 1) * n]
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each rank -> (n * world_size, ...) in rank order, without autograd (pools,
+    memory banks, checkpoints: the global batch as one process holds it). Every rank must call it
+    with the same n. Identity on one rank."""
+    ws = world_size()
+    if ws == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(ws)]
+    tdist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def own_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global-batch tensor (n * world_size, ...) (inverse of
+    :func:`all_gather_rows`); the tensor itself on one rank."""
+    ws = world_size()
+    if ws == 1:
+        return x
+    if x.shape[0] % ws:
+        raise ValueError(f"{x.shape[0]} rows do not split over {ws} ranks: this state was written for "
+                         f"another global batch size; resume with the run's batch_size")
+    n = x.shape[0] // ws
+    return x[rank() * n:(rank() + 1) * n]
+
+
+def scale_own_rows_grad(tensors: Iterable[torch.Tensor]) -> None:
+    """Divide ``t.grad`` by the world size for tensors of which each rank holds its own rows of
+    the global batch (inputs optimised directly, Fast's noise z); they are never averaged.
+
+    A rank's loss is a mean over its n rows (batch statistics through the differentiable
+    collectives above), so its gradient with respect to its own rows is world_size times that of
+    the single-process loss on the global batch (a mean over n * world_size rows); divided, each
+    row gets exactly the single process's gradient (Adam is not exactly scale invariant: eps).
+    One rank: nothing.
+    """
+    ws = world_size()
+    if ws == 1:
+        return
+    for t in tensors:
+        if t.grad is not None:
+            t.grad.div_(ws)
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
@@ -392,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--set: unknown parameter(s) {unknown} for {cls.__name__}")
     values.update(sets)   # keys of the YAML files that other stages declare are ignored
+    moved = [m for k in values if k not in known and (m := config.moved_parameter(k))] if args.stage == "distill" else []
+    if moved:   # a pre-method_options name (cmi_tau, pool_size, ...) would be ignored silently
+        ap.error("; ".join(moved))
     cfg = config.collect(cls, {}, **{k: v for k, v in values.items() if k in known})
     init_distributed()
     try:

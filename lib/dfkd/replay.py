@@ -26,25 +26,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .dist import rank_rows
+
 REPLAY_MODES = ("off", "pool")
 AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix")
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image horizontally with probability 1/2 (per sample)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    """Flip each image horizontally with probability 1/2 (per sample; data parallel: this rank's
+    rows of the global batch's draw, ``dfkd.dist.rank_rows``)."""
+    flip = rank_rows(lambda m: torch.rand(m, device=x.device), x.shape[0]) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Per-sample random crop of size (S, S) from x reflect-padded by ``pad`` px on each side (the
-    CIFAR-style ``RandomCrop(S, padding)`` that CMI and Fast apply to their memory banks)."""
+    CIFAR-style ``RandomCrop(S, padding)`` that CMI and Fast apply to their memory banks). Data
+    parallel: the offsets are this rank's rows of the global batch's draw."""
     if pad <= 0:
         return x
     b, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    dy = rank_rows(lambda m: torch.randint(0, 2 * pad + 1, (m,), device=x.device), b)
+    dx = rank_rows(lambda m: torch.randint(0, 2 * pad + 1, (m,), device=x.device), b)
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None])            # (B, H)
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None])            # (B, W)
     idx_r = rows[:, None, :, None].expand(b, x.shape[1], h, xp.shape[-1])
@@ -82,7 +86,8 @@ def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
 
     ``none``: x unchanged; ``flip``: random horizontal flip; ``crop_flip``: random crop with
     S/8 px reflect padding (4 px at 32 px, as the CIFAR recipes), then flip; ``crop_flip_mixup`` /
-    ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch.
+    ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch (data parallel:
+    within this rank's rows, so equal to one process in distribution only; see decisions.md#speed).
     """
     if mode == "none":
         return x

@@ -371,8 +371,11 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
         run.truncate_metrics(lambda r: r.get("iter") is not None and r["iter"] < start_it)
 
     def save_state(global_iter: int, elapsed: float):
+        # every rank builds the state (per-rank rows, e.g. a batch being crafted, are gathered into
+        # the global batch: a collective); rank 0 alone writes it
+        state = method.checkpoint_state()
         if run.write:
-            run.save_state({"method": method.checkpoint_state(), "rng": rng_state(), "global_iter": global_iter,
+            run.save_state({"method": state, "rng": rng_state(), "global_iter": global_iter,
                             "best": best, "elapsed_s": elapsed, "epochs": cfg.epochs})
 
     total_iters = cfg.epochs * cfg.iters_per_epoch

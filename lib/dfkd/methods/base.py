@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from .. import dist
-from ..config import DistillConfig
 from ..generator import to_teacher_input
+from ..options import ConfigError, NoOptions, resolve
+
+if TYPE_CHECKING:   # dfkd.config imports this registry lazily; the methods never import it
+    from ..config import DistillConfig
 
 COUNTERS = ("iterations", "g_steps", "s_steps", "images_generated", "images_consumed", "teacher_forwards")
 IMAGE_COUNTERS = ("images_generated", "images_consumed", "teacher_forwards")   # per rank under DDP
@@ -71,9 +74,13 @@ class DistillMethod(nn.Module):
         student: the network to train (``FeatureNet``), randomly initialised.
         cfg: the run's :class:`~dfkd.config.DistillConfig`.
         num_classes: K. image_size: S of the synthetic images (B, 3, S, S).
+
+    A method's own hyper-parameters are its ``Options`` dataclass (defined in its module, defaults
+    cited there); ``self.opts`` is that dataclass filled from ``cfg.method_options``.
     """
 
     name = "base"
+    Options = NoOptions    # the method's own hyper-parameters (dfkd.options; docs/methods.md)
     uses_generator = True  # False for input-optimisation methods (ZSKD, ADI)
     optim_impl = "auto"    # make_optimizer(impl=...); the bench's fp32 reference sets "plain"
 
@@ -88,6 +95,10 @@ class DistillMethod(nn.Module):
         self.__dict__["teacher"] = teacher  # not a registered submodule: not in state_dict
         self.student = student
         self.cfg = cfg
+        if cfg.method_options and cfg.method != self.name:
+            raise ConfigError(f"method_options were given for method {cfg.method!r}, but this is {self.name!r}: "
+                              f"set method={self.name!r} in the config")
+        self.opts = resolve(self.Options, cfg.method_options, self.name)   # the one accessor
         self.num_classes = num_classes
         self.image_size = image_size
         self.device = torch.device(device)
@@ -313,7 +324,12 @@ class DistillMethod(nn.Module):
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything that trains: modules, optimisers, schedulers, counters (tensors/primitives)."""
+        """Everything that trains: modules, optimisers, schedulers, counters (tensors/primitives).
+
+        Data parallel: a collective (every rank calls it; ``distill`` does). The state is the one
+        a single process on the global batch would hold: modules are identical on every rank,
+        pools global, per-rank rows (a crafted batch, round targets) gathered in rank order, so
+        rank 0's copy resumes every rank (:meth:`load_checkpoint_state` keeps each rank's rows)."""
         state = {"modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
                  "counters": self.budget(), "method": self.name}   # global counts: any world size resumes
         if self.s_opt is not None:

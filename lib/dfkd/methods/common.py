@@ -21,13 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import dist
 from ..generator import DCGANGenerator, from_teacher_input, to_teacher_input
 from ..losses import bn_prior, kd_loss
 from ..replay import random_flip  # noqa: F401  (re-exported: the pool-based baselines flip with it)
 from .base import DistillMethod
 
-# Pool capacity (images) when ``pool_size`` is 0. 2048 uint8 images are 308 MB at 224 px (on the
-# device and in state/last.pt), 6 MB at 32 px; see docs/decisions.md#baselines.
+# Pool capacity (images) when a pooled method's ``pool_size`` option is 0 (zskd, adi, cmi). 2048
+# uint8 images are 308 MB at 224 px (on the device and in state/last.pt), 6 MB at 32 px; see
+# docs/decisions.md#baselines.
 DEFAULT_POOL_IMAGES = 2048
 
 
@@ -48,10 +50,12 @@ def batch_mean(method, t: torch.Tensor) -> torch.Tensor:
     return t if reduce is None else reduce(t)
 
 
-def pool_capacity(cfg) -> int:
-    """``cfg.pool_size`` when set, else :data:`DEFAULT_POOL_IMAGES`; never below one batch."""
-    cap = cfg.pool_size if cfg.pool_size > 0 else DEFAULT_POOL_IMAGES
-    return max(cap, cfg.batch_size)
+def pool_capacity(method) -> int:
+    """The method's ``pool_size`` option when set, else :data:`DEFAULT_POOL_IMAGES`; never below one
+    global batch (``cfg.batch_size * world_size``: a method's cfg holds this rank's share under DDP)."""
+    size = method.opts.pool_size
+    cap = size if size > 0 else DEFAULT_POOL_IMAGES
+    return max(cap, method.cfg.batch_size * getattr(method, "world_size", 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,18 +69,19 @@ def clip_to_image(x: torch.Tensor, output_map: str) -> torch.Tensor:
 
 def random_resized_crop(x: torch.Tensor, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """Differentiable per-sample RandomResizedCrop + horizontal flip back to (S, S) (CMI's local
-    view; kornia's ``RandomResizedCrop(scale=[0.25, 1])`` in the original), via ``roi_align``."""
+    view; kornia's ``RandomResizedCrop(scale=[0.25, 1])`` in the original), via ``roi_align``.
+    Data parallel: the crop parameters are this rank's rows of the global batch's draw."""
     from torchvision.ops import roi_align
     b, _, h, w = x.shape
     dev = x.device
-    area = torch.empty(b, device=dev).uniform_(*scale)
-    logr = torch.empty(b, device=dev).uniform_(float(torch.log(torch.tensor(ratio[0]))),
-                                               float(torch.log(torch.tensor(ratio[1]))))
+    lo, hi = float(torch.log(torch.tensor(ratio[0]))), float(torch.log(torch.tensor(ratio[1])))
+    area = dist.rank_rows(lambda m: torch.empty(m, device=dev).uniform_(*scale), b)
+    logr = dist.rank_rows(lambda m: torch.empty(m, device=dev).uniform_(lo, hi), b)
     r = torch.exp(logr)
     cw = (torch.sqrt(area * r) * w).clamp(2.0, w)
     ch = (torch.sqrt(area / r) * h).clamp(2.0, h)
-    x0 = torch.rand(b, device=dev) * (w - cw)
-    y0 = torch.rand(b, device=dev) * (h - ch)
+    x0 = dist.rank_rows(lambda m: torch.rand(m, device=dev), b) * (w - cw)
+    y0 = dist.rank_rows(lambda m: torch.rand(m, device=dev), b) * (h - ch)
     boxes = torch.stack([torch.arange(b, device=dev, dtype=x0.dtype), x0, y0, x0 + cw, y0 + ch], 1)
     out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return random_flip(out.to(x.dtype))
@@ -117,16 +122,19 @@ def stage_pairs(n_teacher: int, n_student: int, t_sizes: list, s_sizes: list) ->
     return pairs
 
 
-def js_competition(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 3.0) -> torch.Tensor:
+def js_competition(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 3.0, reduce=None) -> torch.Tensor:
     """Adaptive DeepInversion's competition term: ``1 - JS(P_s || P_t)`` at temperature T (the
     NVlabs code: softmax at T=3, probabilities clamped to [0.01, 0.99], batch-mean KL to the
     mixture M, result clamped to [0, 1]). Minimising it drives the inputs towards teacher/student
-    disagreement. 0-d fp32; equals 1 exactly when the student agrees with the teacher."""
+    disagreement. 0-d fp32; equals 1 exactly when the student agrees with the teacher. ``reduce``
+    (data parallel: ``dist.mean_across_ranks``) averages the batch-mean JS over ranks before the
+    clamp, so it is the global batch's."""
     p = F.softmax(s_logits.float() / T, dim=1)
     q = F.softmax(t_logits.float() / T, dim=1)
     m = 0.5 * (p + q)
     p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
     js = 0.5 * F.kl_div(p.log(), m, reduction="batchmean") + 0.5 * F.kl_div(q.log(), m, reduction="batchmean")
+    js = reduce(js) if reduce is not None else js
     return 1.0 - js.clamp(0.0, 1.0)
 
 
@@ -141,6 +149,12 @@ class ImagePool:
     ``sample`` draws uniformly with the torch RNG of the pool's device, so a resumed run draws the
     same batches. ``state()`` / ``load()`` hold the filled part of the buffer, the write pointer
     and the size (CPU tensors / ints).
+
+    Data parallel (``dfkd.dist``): the pool is global. ``add`` gathers every rank's rows of the
+    batch (rank order), so each rank holds the very pool one process would hold on the global
+    batch, and ``sample`` keeps this rank's rows of one global index draw. The ranks' pools stay
+    identical, a student batch is the single process's, and rank 0's checkpoint restores every
+    rank (and resumes under any world size). Each rank keeps ``capacity`` images, as before.
 
     Args:
         capacity: maximum number of images kept (the oldest are overwritten).
@@ -167,8 +181,9 @@ class ImagePool:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        """Append a batch x (B, 3, S, S) (teacher space); overwrites the oldest when full."""
-        u8 = self.encode(x).to(self.device)
+        """Append a batch x (B, 3, S, S) (teacher space); overwrites the oldest when full. Data
+        parallel: every rank's B rows are added (collective: all ranks call it together)."""
+        u8 = dist.all_gather_rows(self.encode(x).to(self.device))
         if self.images is None:
             self.images = torch.zeros((self.capacity, *u8.shape[1:]), dtype=torch.uint8, device=self.device)
         if u8.shape[0] > self.capacity:
@@ -180,10 +195,11 @@ class ImagePool:
         self.size = min(self.capacity, self.size + n)
 
     def sample(self, n: int) -> torch.Tensor:
-        """(n, 3, S, S) teacher-space images drawn uniformly with replacement."""
+        """(n, 3, S, S) teacher-space images drawn uniformly with replacement (data parallel: this
+        rank's n rows of the global batch's draw)."""
         if self.size == 0:
             raise RuntimeError("the image pool is empty")
-        idx = torch.randint(0, self.size, (n,), device=self.device)
+        idx = dist.rank_rows(lambda m: torch.randint(0, self.size, (m,), device=self.device), n)
         return self.decode(self.images[idx])
 
     def latest(self, n: int) -> torch.Tensor:
@@ -201,7 +217,7 @@ class ImagePool:
     def load(self, state: dict[str, Any]) -> None:
         if int(state["size"]) > self.capacity:
             raise ValueError(f"the checkpoint's pool holds {state['size']} images, more than this run's "
-                             f"capacity {self.capacity} (pool_size changed?)")
+                             f"capacity {self.capacity} (method_options pool_size changed?)")
         self.size, self.ptr = int(state["size"]), int(state["ptr"])
         imgs = state["images"]
         if self.size == 0:
@@ -221,6 +237,10 @@ class InputBatch:
         x: (B, 3, S, S) initial images (teacher space); copied into a leaf tensor with grad.
         targets: what the batch is optimised towards (class indices (B,) or soft labels (B, K)).
         lr, betas: Adam settings of the inputs.
+
+    Data parallel: each rank optimises its own rows; ``state()`` (a collective then) holds the
+    global batch (images, targets and Adam moments of every rank, rank order), ``from_state``
+    keeps this rank's rows, so rank 0's checkpoint resumes every rank.
     """
 
     def __init__(self, x: torch.Tensor, targets: torch.Tensor, lr: float, betas=(0.9, 0.999)):
@@ -231,17 +251,29 @@ class InputBatch:
         self.opt = torch.optim.Adam([self.x], lr=lr, betas=self.betas)
 
     def state(self) -> dict[str, Any]:
+        rows = self.x.shape
+
+        def save(v):   # per-row tensors: the global batch (every rank's rows)
+            if not torch.is_tensor(v):
+                return v
+            v = dist.all_gather_rows(v.detach()) if v.dim() and v.shape[0] == rows[0] else v.detach()
+            return v.cpu().clone()
         opt = self.opt.state_dict()
-        opt_state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                     for k, s in opt["state"].items()}
-        return {"x": self.x.detach().cpu().clone(), "targets": self.targets.detach().cpu().clone(),
+        opt_state = {k: {n: save(v) for n, v in s.items()} for k, s in opt["state"].items()}
+        return {"x": save(self.x), "targets": save(self.targets),
                 "steps": self.steps, "opt": {"state": opt_state, "param_groups": opt["param_groups"]}}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device) -> "InputBatch":
         pg = state["opt"]["param_groups"][0]
-        batch = cls(state["x"].to(device), state["targets"].to(device), lr=pg["lr"], betas=pg["betas"])
-        batch.opt.load_state_dict(state["opt"])
+        n = state["x"].shape[0]
+
+        def mine(v):   # this rank's rows of a saved global-batch tensor
+            return dist.own_rows(v) if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+        batch = cls(mine(state["x"]).to(device), mine(state["targets"]).to(device), lr=pg["lr"], betas=pg["betas"])
+        batch.opt.load_state_dict({"state": {k: {m: mine(v) for m, v in s.items()}
+                                             for k, s in state["opt"]["state"].items()},
+                                   "param_groups": state["opt"]["param_groups"]})
         batch.steps = int(state["steps"])
         return batch
 
@@ -336,13 +368,15 @@ class CraftingMethod(PooledMixin, DistillMethod):
 
     uses_generator = False
 
-    # Data parallel: every rank crafts its own share of the global batch (noise and targets are
-    # rank slices of one global draw) with its own Adam; the BN prior uses this rank's batch
-    # statistics (as DeepInversion's multi-GPU runs: one independent batch per GPU), and each rank
-    # keeps its own pool. Only rank 0 writes the checkpoint (its pool).
+    # Data parallel: every rank crafts its own rows of the global batch (noise and targets are
+    # rank slices of one global draw) with its own Adam; batch statistics (the BN prior, ADI's TV
+    # norm and competition term) are those of the global batch, and each rank's input gradients
+    # are scaled to the single process's (dist.scale_own_rows_grad), so 2 ranks craft what one
+    # process crafts on the global batch. The pool is global (ImagePool), the batch in progress is
+    # gathered into the checkpoint (InputBatch.state): rank 0's checkpoint resumes every rank.
 
     def setup_crafting(self, craft_steps: int) -> None:
-        self.pool = ImagePool(pool_capacity(self.cfg), self.cfg.output_map, self.device)
+        self.pool = ImagePool(pool_capacity(self), self.cfg.output_map, self.device)
         self.craft: InputBatch | None = None
         self.craft_steps = craft_steps if craft_steps > 0 else self.cfg.g_steps
 
@@ -373,6 +407,7 @@ class CraftingMethod(PooledMixin, DistillMethod):
             out = self.craft_losses(b)
         b.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        dist.scale_own_rows_grad([b.x])   # data parallel: this rank's rows get one process's gradient
         lr = self.craft_lr(b.steps)
         if lr is not None:   # set before every step from the step count: a resumed batch continues alike
             for group in b.opt.param_groups:

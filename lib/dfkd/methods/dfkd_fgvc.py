@@ -79,7 +79,7 @@ class DFKDFGVC(DistillMethod):
             self.adapters, self.mhas = adapters, mhas
             self.teacher_mhas = teacher_mhas
         # replay pool (dfkd.replay, docs/decisions.md#synthesis): off = Algorithm 1 as printed
-        self.replay = (Replay(max(cfg.replay_size, cfg.batch_size), cfg.output_map, self.device,
+        self.replay = (Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
                               aug=cfg.replay_aug, fresh=cfg.replay_fresh) if cfg.replay == "pool" else None)
         if cfg.use_sfcl:
             # one projection shared by both networks (a common space, Sec. 4.3); a linear map first

@@ -3,43 +3,64 @@ Distillation", AAAI 2022 (code: zju-vipa/Fast-Datafree, ``FastMetaSynthesizer``)
 
 Recipe (one synthesis round per iteration of the shared loop):
 - A *meta* generator G (DCGAN ``GeneratorB``, BN in the blocks) is kept across rounds. A round
-  copies it to a fast generator G', re-initialises G''s first (linear) layer (``fast_reset_l0``,
+  copies it to a fast generator G', re-initialises G''s first (linear) layer (``reset_l0``,
   the authors' ``reset_l0``), draws fresh trainable noise z and random target classes y, and runs
   ``g_steps`` Adam steps on (G', z) of
-      L = ``fast_bn`` * L_BN^mmt + ``fast_oh`` * CE(T(a(x)), y) - ``fast_adv`` * mask * KL(T(a(x)) || S(a(x)))
+      L = ``bn`` * L_BN^mmt + ``oh`` * CE(T(a(x)), y) - ``adv`` * mask * KL(T(a(x)) || S(a(x)))
   with x = G'(z), a() the random crop + flip augmentation, L_BN^mmt the momentum BN prior (the
-  batch statistics blended with an EMA of earlier rounds' with rate ``fast_bn_mmt``,
+  batch statistics blended with an EMA of earlier rounds' with rate ``bn_mmt``,
   ``dfkd.losses.BNPrior``) and mask = 1 where student and teacher agree on the class (the
   adversarial term only pushes images the student already gets right).
-- Meta update (feature reuse): first-order MAML (``fast_meta='fomaml'``, the authors' ``is_maml 1``:
+- Meta update (feature reuse): first-order MAML (``meta='fomaml'``, the authors' ``is_maml 1``:
   the meta gradient is the sum of G''s gradients over the round's steps) or Reptile
-  (``fast_meta='reptile'``: the meta gradient is G - G' after the round), then one Adam step of G
+  (``meta='reptile'``: the meta gradient is G - G' after the round), then one Adam step of G
   (``lr_g``, betas (0.5, 0.999)); :func:`meta_gradients` is that update rule.
 - The round's final images join a replay pool (the authors' memory bank, ``replay_size``); the
   ``s_steps`` student steps of the iteration draw from it with crop + flip augmentation
-  (``replay_aug``), KD at temperature ``fast_T`` with the teacher labelling every augmented view.
-- ``fast_warmup``: the first iterations synthesise only (no student steps, no adversarial term),
+  (``replay_aug``), KD at temperature ``T`` with the teacher labelling every augmented view.
+- ``warmup``: the first iterations synthesise only (no student steps, no adversarial term),
   as the authors' ``warmup`` epochs.
 
 Defaults: the authors' CIFAR-10 script (fast-2: ``g_steps 2, lr_z 0.015, lr_g 5e-3, bn 10, oh 0.5,
 adv 1.1, bn_mmt 0.9, T 20``, student SGD lr 0.2); ``g_steps``, ``s_steps``, ``lr_g`` and ``lr_s``
-are the shared fields, so a preset sets them (``params/laptop/``).
+are the shared fields, so a preset sets them (``params/laptop/``). Options (``method_options``,
+:class:`FastOptions`): the names in double backquotes above except the shared ``replay_*``.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
 from ..losses import bn_prior, kd_loss
+from ..options import option
 from ..replay import Replay, augment
 from .base import make_optimizer
 from .common import GeneratorBaseline, rank_share
 
 META_MODES = ("fomaml", "reptile")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Fast: Fang et al., "Up to 100x Faster Data-free Knowledge Distillation", AAAI 2022. Defaults:
+    the authors' CIFAR-10 script (zju-vipa/Fast-Datafree, fast-2): lr_z 0.015, bn 10, oh 0.5, adv 1.1,
+    bn_mmt 0.9, T 20, first-order MAML, reset_l0."""
+    lr_z: float = option(0.015, "Adam lr of the round's trainable noise z")
+    bn: float = option(10.0, "momentum BN-statistics prior weight")
+    oh: float = option(0.5, "cross-entropy weight (to the round's random targets)")
+    adv: float = option(1.1, "agreement-masked adversarial KL weight")
+    bn_mmt: float = option(0.9, "momentum of the BN prior's statistics memory")
+    T: float = option(20.0, "KD temperature of the student steps")
+    meta: str = option("fomaml", "meta update of the generator (fomaml = the authors' is_maml 1)",
+                       choices=META_MODES)
+    reset_l0: bool = option(True, "re-initialise the fast generator's first layer every round")
+    warmup: int = option(0, "iterations of synthesis only (the authors' warm-up epochs)")
 
 
 @torch.no_grad()
@@ -56,7 +77,7 @@ def meta_gradients(meta: nn.Module, fast: nn.Module, mode: str, accumulated: lis
         if accumulated is None:
             raise ValueError("fomaml needs the gradients accumulated over the round")
         return [g.clone() for g in accumulated]
-    raise ValueError(f"fast_meta={mode!r} is not one of {META_MODES}")
+    raise ValueError(f"meta={mode!r} (a method option of fast) is not one of {META_MODES}")
 
 
 def per_sample_kl(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -69,13 +90,12 @@ class Fast(GeneratorBaseline):
     """Meta-learned generator initialisation, few steps per batch, momentum BN prior, memory bank."""
 
     name = "fast"
+    Options = FastOptions
 
     def build(self) -> None:
         super().build()      # self.generator: the meta generator
         cfg = self.cfg
-        if cfg.fast_meta not in META_MODES:
-            raise ValueError(f"fast_meta={cfg.fast_meta!r} is not one of {META_MODES}")
-        self.replay = Replay(max(cfg.replay_size, cfg.batch_size), cfg.output_map, self.device,
+        self.replay = Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
                              aug=cfg.replay_aug, fresh=0.0)
         self.bn_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.round_step = 0
@@ -88,27 +108,27 @@ class Fast(GeneratorBaseline):
                                     lr=self.cfg.lr_g, betas=(0.5, 0.999))
 
     def warming_up(self) -> bool:
-        return self.counters["iterations"] < self.cfg.fast_warmup
+        return self.counters["iterations"] < self.opts.warmup
 
     # ------------------------------------------------------------------ one round
     def start_round(self) -> None:
         cfg = self.cfg
         fast = copy.deepcopy(self.generator)
-        if cfg.fast_reset_l0:
+        if self.opts.reset_l0:
             fast.fc.reset_parameters()
         z = rank_share(self, lambda m: torch.randn(m, cfg.nz, device=self.device), cfg.batch_size)
         z.requires_grad_(True)
         y = rank_share(self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device),
                        cfg.batch_size)
-        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": cfg.fast_lr_z}],
+        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": self.opts.lr_z}],
                                lr=cfg.lr_g, betas=(0.5, 0.999))
         grads = [torch.zeros_like(p) for p in fast.parameters()]
         self._round = {"fast": fast, "z": z, "y": y, "opt": opt, "grads": grads}
 
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor, adversarial: bool = True):
-        cfg = self.cfg
+        o = self.opts
         xa = augment(x, "crop_flip")
-        with bn_prior(self.teacher, reduce=self.stat_reduce, momentum=cfg.fast_bn_mmt,
+        with bn_prior(self.teacher, reduce=self.stat_reduce, momentum=o.bn_mmt,
                       memory=self.bn_memory) as bn:
             t = self.teacher_forward(xa)
         l_bn = bn.loss()
@@ -117,9 +137,9 @@ class Fast(GeneratorBaseline):
         per = per_sample_kl(s, t)
         mask = (s.argmax(1) == t.argmax(1)).float()
         adv_used = (per * mask).mean()
-        loss = cfg.fast_bn * l_bn + cfg.fast_oh * oh
+        loss = o.bn * l_bn + o.oh * oh
         if adversarial:
-            loss = loss - cfg.fast_adv * adv_used
+            loss = loss - o.adv * adv_used
         return {"loss": loss, "bn": l_bn, "oh": oh, "adv": per.mean(), "adv_masked": adv_used}, bn
 
     def adversarial_term(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +159,9 @@ class Fast(GeneratorBaseline):
         self.counters["images_generated"] += int(x.shape[0])
         r["opt"].zero_grad(set_to_none=True)
         out["loss"].backward()
+        if self.world_size > 1:   # G' is shared: rank-mean gradients; z: each rank's own rows
+            dist.average_gradients(fast.parameters())
+            dist.scale_own_rows_grad([r["z"]])
         with torch.no_grad():
             for g, p in zip(r["grads"], fast.parameters()):
                 if p.grad is not None:
@@ -151,7 +174,7 @@ class Fast(GeneratorBaseline):
 
     def end_round(self, x: torch.Tensor, bn) -> None:
         r = self._round
-        grads = meta_gradients(self.generator, r["fast"], self.cfg.fast_meta, r["grads"])
+        grads = meta_gradients(self.generator, r["fast"], self.opts.meta, r["grads"])
         self.g_opt.zero_grad(set_to_none=True)
         for p, g in zip(self.generator.parameters(), grads):
             p.grad = g
@@ -170,7 +193,7 @@ class Fast(GeneratorBaseline):
         return self.train_student_on(self.replay.batch(self.cfg.batch_size, self.fresh_images))
 
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.kd_losses(x, T=self.cfg.fast_T)
+        return self.kd_losses(x, T=self.opts.T)
 
     def s_steps_per_iteration(self) -> int:
         return 0 if self.warming_up() else self.cfg.s_steps    # warm-up: synthesis only

@@ -6,13 +6,13 @@ text does not pin down is our choice and is listed in ``docs/decisions.md#baseli
 
 Recipe:
 - An exponential-moving-average copy G' of the generator G ("momentum generator"): after every
-  generator update, theta' <- m * theta' + (1 - m) * theta with m = ``mad_momentum``; G's BN
+  generator update, theta' <- m * theta' + (1 - m) * theta with m = ``momentum``; G's BN
   buffers are copied into G' (they are not averaged). G' is a registered submodule
   (``generator_ema``), so it is in ``state_dict`` and in every checkpoint.
 - Generator step (adversarial, as the DFQ-style loop MAD builds on):
-  min_G ``mad_bn`` * L_BN - KL(T(x) || S(x)), x = G(z), L_BN the teacher's BN prior.
+  min_G ``bn`` * L_BN - KL(T(x) || S(x)), x = G(z), L_BN the teacher's BN prior.
 - Student step: min_S KL(T||S) on a batch drawn from BOTH generators: a fraction
-  ``mad_ema_fraction`` (default 1/2) of the batch from G', the rest from G. The images of G' change
+  ``ema_fraction`` (default 1/2) of the batch from G', the rest from G. The images of G' change
   slowly, so the student keeps seeing the older synthetic distribution while G moves on (MAD's
   remedy for the distribution shift of the adversarial game, i.e. forgetting).
 Both generators run in train mode (BN batch statistics) when producing student batches.
@@ -20,18 +20,31 @@ Both generators run in train mode (BN batch statistics) when producing student b
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from ..losses import kd_loss
+from ..options import option
 from .base import set_requires_grad
 from .common import GeneratorBaseline
+
+
+@dataclass(frozen=True)
+class MADOptions:
+    """MAD: Do et al., "Momentum Adversarial Distillation", NeurIPS 2022 (no public code). Defaults:
+    our reading of the paper (EMA momentum 0.9, half of each student batch from the EMA generator;
+    docs/decisions.md#baselines)."""
+    momentum: float = option(0.9, "EMA momentum of the momentum generator G' (not the student's SGD)")
+    bn: float = option(1.0, "BN-statistics prior weight of the generator step")
+    ema_fraction: float = option(0.5, "share of each student batch drawn from G' (0 = the plain adversarial loop)")
 
 
 class MAD(GeneratorBaseline):
     """Momentum adversarial distillation: adversarial G plus an EMA generator feeding the student."""
 
     name = "mad"
+    Options = MADOptions
 
     def build(self) -> None:
         super().build()
@@ -44,7 +57,7 @@ class MAD(GeneratorBaseline):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        m = self.cfg.mad_momentum
+        m = self.opts.momentum
         for pe, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
             pe.lerp_(p, 1.0 - m)
         for be, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
@@ -52,7 +65,7 @@ class MAD(GeneratorBaseline):
 
     def generator_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         _, l_bn, adv = self.bn_and_adversarial(x)
-        return {"loss": self.cfg.mad_bn * l_bn - adv, "bn": l_bn, "adv": adv}
+        return {"loss": self.opts.bn * l_bn - adv, "bn": l_bn, "adv": adv}
 
     def generator_step(self) -> dict[str, torch.Tensor]:
         out = super().generator_step()
@@ -61,7 +74,8 @@ class MAD(GeneratorBaseline):
 
     def student_step(self) -> dict[str, torch.Tensor]:
         b = self.cfg.batch_size
-        n_ema = min(b - 1, max(1, round(b * self.cfg.mad_ema_fraction))) if self.cfg.mad_ema_fraction > 0 else 0
+        frac = self.opts.ema_fraction
+        n_ema = min(b - 1, max(1, round(b * frac))) if frac > 0 else 0
         with torch.no_grad(), self.autocast():
             parts = [self.generate(b - n_ema)]
             if n_ema:

@@ -4,7 +4,7 @@ NeurIPS 2019.
 Recipe:
 - Generator step (adversarial): max_G KL(T(x) || S(x)), x = G(z), i.e. minimise -KL at T = 1
   (``kd_T`` / ``kd_direction`` of the run; ZSKT: T = 1, KL(T||S)).
-- Student step: min_S KL(T(x) || S(x)) + ``zskt_at`` * sum_l AT_l on fresh generator images, with
+- Student step: min_S KL(T(x) || S(x)) + ``at`` * sum_l AT_l on fresh generator images, with
   attention transfer (Zagoruyko & Komodakis 2017): per stage, a_l = L2-normalised flattened map of
   the channel mean of squared activations; AT_l = mean over batch and positions of
   (a_l^T - a_l^S)^2 (ZSKT's ``(at(x) - at(y)).pow(2).mean()``), beta = 250 in ZSKT.
@@ -19,16 +19,27 @@ instead of ZSKT's Adam for both.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..losses import kd_loss
+from ..options import option
 from .common import GeneratorBaseline, at_loss, stage_pairs
+
+
+@dataclass(frozen=True)
+class ZSKTOptions:
+    """ZSKT: Micaelli & Storkey, "Zero-shot Knowledge Transfer via Adversarial Belief Matching",
+    NeurIPS 2019. Default: the paper's attention-transfer weight beta = 250."""
+    at: float = option(250.0, "attention-transfer weight of the student step")
 
 
 class ZSKT(GeneratorBaseline):
     """Adversarial belief matching + attention transfer (Micaelli & Storkey 2019)."""
 
     name = "zskt"
+    Options = ZSKTOptions
 
     def adversarial_term(self, x: torch.Tensor) -> torch.Tensor:
         """KL(T(x) || S(x)) (what G maximises); gradients reach x through both networks."""
@@ -42,4 +53,4 @@ class ZSKT(GeneratorBaseline):
         pairs = stage_pairs(len(t.stages), len(s.stages), [f.shape[-2:] for f in t.stages],
                             [f.shape[-2:] for f in s.stages])
         at = sum((at_loss(t.stages[i], s.stages[j]) for i, j in pairs), kd.new_zeros(()))
-        return {"loss": kd + self.cfg.zskt_at * at, "kd": kd, "at": at}
+        return {"loss": kd + self.opts.at * at, "kd": kd, "at": at}
