@@ -39,7 +39,7 @@ image_size: int = 32                      # px; the paper uses 224
 toy_test_per_class: int = 100             # embedded set only: 1,000 test images, as notebook 10
 student_arch: str = 'resnet_tiny_s'       # a key of dfkd.models.MODELS
 # --- schedule (Algorithm 1): epochs x iters_per_epoch iterations of g_steps G + s_steps S steps
-epochs: int = 6                           # the student's lr is cosine-annealed over the epochs
+epochs: int = 4                           # the student's lr is cosine-annealed over the epochs
 iters_per_epoch: int = 10                 # the student is evaluated on the real test split after each epoch
 g_steps: int = 10                         # t: generator steps per iteration
 s_steps: int = 25                         # k: student steps per iteration
@@ -55,7 +55,7 @@ alpha: float = 3.0                        # BN prior weight (paper: 0.3)
 beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 8.0                        # SFCL weight (Eq. 11)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
-replay_size: int = 20000                  # images kept in the pool (60 x 10 x 32 = 19,200: keep all)
+replay_size: int = 20000                  # images kept in the pool (40 x 10 x 32 = 12,800: keep all)
 # --- machine
 seed: int = 0
 device: str = 'auto'                      # auto | cpu | cuda | cuda:N

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -163,10 +164,10 @@ def _keep_failure(page, artefacts: Path, log_path: Path, console: list[str]) -> 
         pass
 
 
-def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
-    chromium, sync_playwright = _playwright()
-    base, token, log_path = jupyterlab
-    source_before = (ROOT / NOTEBOOK).read_bytes()
+@contextmanager
+def _lab_page(chromium, sync_playwright, artefacts: Path, log_path: Path):
+    """A headless Chromium page (1400 x 1000); on failure the page, its console and the server log
+    are kept in ``artefacts`` (99_failure.*)."""
     args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=args + ["--disable-gpu"])
@@ -174,54 +175,77 @@ def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-            page.goto(f"{base}/lab?token={token}", wait_until="domcontentloaded")
-            # the file browser at the project root: double-click into notebooks/, then the source
-            _dblclick_item(page, "notebooks", timeout=60_000)
-            _dblclick_item(page, Path(NOTEBOOK).name)
-            panel = page.locator(".jp-NotebookPanel:visible")
-            panel.first.wait_for(state="visible", timeout=60_000)
-            cells = panel.first.locator(".jp-Cell")
-            page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length > 3",
-                                   timeout=30_000)
-            assert page.locator(".jp-FileEditor:visible").count() == 0, "opened in the text editor"
-            n_cells = cells.count()
-            page.screenshot(path=str(artefacts / "01_opened.png"))
-            dirty_on_open = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count() > 0
-
-            # kernel ready (python3 from the notebook's kernelspec: no kernel dialog), then run all
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-            page.wait_for_timeout(500)
-            # JupyterLab writes the kernel's language_info when the kernel starts: dfkd.lab_contents
-            # serves the same one, so that write is no change (tests/test_lab_contents.py)
-            dirty_with_kernel = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count() > 0
-            _menu(page, "Run", "Run All Cells")
-            t0 = time.monotonic()
-            done = ("() => { const p = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
-                    ".jp-InputPrompt')].map(e => e.textContent.trim()); "
-                    "return p.length > 0 && p.every(t => /^\\[\\d+\\]:$/.test(t)); }")
-            page.wait_for_function(done, timeout=RUN_TIMEOUT * 1000, polling=500)
-            run_s = time.monotonic() - t0
-            page.wait_for_timeout(500)
-            outputs = panel.first.locator(".jp-OutputArea-output")
-            imgs = panel.first.locator(".jp-OutputArea-output img")
-            assert imgs.count() >= 1, "no <img> in the outputs: the figure cell did not render an image"
-            imgs.first.scroll_into_view_if_needed()
-            page.screenshot(path=str(artefacts / "02_ran_all.png"), full_page=True)
-            panel.first.screenshot(path=str(artefacts / "03_notebook_panel.png"))
-            text = "\n".join(outputs.all_inner_texts())
-            errors = panel.first.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-            err_text = "\n".join(errors.all_inner_texts())
-            assert not re.search(r"Traceback|\w+Error\b", err_text), err_text[-3000:]
-            assert "<Figure size" not in text, "a figure showed as text, not as an image"
-            print(f"browser: {NOTEBOOK} opened as a notebook ({n_cells} cells), ran in {run_s:.1f} s, "
-                  f"{imgs.count()} image(s); modified on open: {dirty_on_open}, once the kernel ran: "
-                  f"{dirty_with_kernel}; screenshots: {artefacts}")
-            assert not dirty_on_open and not dirty_with_kernel, "the notebook showed as modified on open"
+            yield page
         except BaseException:
             _keep_failure(page, artefacts, log_path, console)
             raise
         finally:
             browser.close()
+
+
+def _find_code_cell(page, panel, text: str, timeout_s: float = 60.0):
+    """The code cell(s) whose source contains ``text``. JupyterLab 4 renders a long notebook's cells
+    lazily (windowing): a cell below the fold may not be in the DOM until the notebook is scrolled
+    towards it, so scroll down most of a screen at a time until it is."""
+    cell = panel.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text=text))
+    deadline = time.monotonic() + timeout_s
+    while cell.count() == 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no code cell containing {text!r} after scrolling the notebook for {timeout_s:.0f} s")
+        panel.locator(".jp-WindowedPanel-outer").first.evaluate(
+            "e => { e.scrollTop = e.scrollTop + e.clientHeight * 0.8; }")
+        page.wait_for_timeout(300)
+    return cell
+
+
+def test_overview_opens_as_notebook_and_runs_with_images(jupyterlab, artefacts):
+    chromium, sync_playwright = _playwright()
+    base, token, log_path = jupyterlab
+    source_before = (ROOT / NOTEBOOK).read_bytes()
+    with _lab_page(chromium, sync_playwright, artefacts, log_path) as page:
+        page.goto(f"{base}/lab?token={token}", wait_until="domcontentloaded")
+        # the file browser at the project root: double-click into notebooks/, then the source
+        _dblclick_item(page, "notebooks", timeout=60_000)
+        _dblclick_item(page, Path(NOTEBOOK).name)
+        panel = page.locator(".jp-NotebookPanel:visible")
+        panel.first.wait_for(state="visible", timeout=60_000)
+        cells = panel.first.locator(".jp-Cell")
+        page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length > 3",
+                               timeout=30_000)
+        assert page.locator(".jp-FileEditor:visible").count() == 0, "opened in the text editor"
+        n_cells = cells.count()
+        page.screenshot(path=str(artefacts / "01_opened.png"))
+        dirty_on_open = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count() > 0
+
+        # kernel ready (python3 from the notebook's kernelspec: no kernel dialog), then run all
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+        page.wait_for_timeout(500)
+        # JupyterLab writes the kernel's language_info when the kernel starts: dfkd.lab_contents
+        # serves the same one, so that write is no change (tests/test_lab_contents.py)
+        dirty_with_kernel = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count() > 0
+        _menu(page, "Run", "Run All Cells")
+        t0 = time.monotonic()
+        done = ("() => { const p = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell "
+                ".jp-InputPrompt')].map(e => e.textContent.trim()); "
+                "return p.length > 0 && p.every(t => /^\\[\\d+\\]:$/.test(t)); }")
+        page.wait_for_function(done, timeout=RUN_TIMEOUT * 1000, polling=500)
+        run_s = time.monotonic() - t0
+        page.wait_for_timeout(500)
+        outputs = panel.first.locator(".jp-OutputArea-output")
+        imgs = panel.first.locator(".jp-OutputArea-output img")
+        assert imgs.count() >= 1, "no <img> in the outputs: the figure cell did not render an image"
+        imgs.first.scroll_into_view_if_needed()
+        page.screenshot(path=str(artefacts / "02_ran_all.png"), full_page=True)
+        panel.first.screenshot(path=str(artefacts / "03_notebook_panel.png"))
+        text = "\n".join(outputs.all_inner_texts())
+        errors = panel.first.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        err_text = "\n".join(errors.all_inner_texts())
+        assert not re.search(r"Traceback|\w+Error\b", err_text), err_text[-3000:]
+        assert "<Figure size" not in text, "a figure showed as text, not as an image"
+        print(f"browser: {NOTEBOOK} opened as a notebook ({n_cells} cells), ran in {run_s:.1f} s, "
+              f"{imgs.count()} image(s); modified on open: {dirty_on_open}, once the kernel ran: "
+              f"{dirty_with_kernel}; screenshots: {artefacts}")
+        assert not dirty_on_open and not dirty_with_kernel, "the notebook showed as modified on open"
     assert (ROOT / NOTEBOOK).read_bytes() == source_before, f"{NOTEBOOK} was rewritten by JupyterLab"
 
 
@@ -239,34 +263,22 @@ def test_distillation_curves_render_as_images_after_a_smoke_run(jupyterlab, lab_
         (job.run_dir(lab_runs) / "FAILED").read_text() if (job.run_dir(lab_runs) / "FAILED").exists() else ""
     executed = job.run_dir(lab_runs) / "executed.ipynb"
     rel = executed.relative_to(ROOT).as_posix()
-    args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=args + ["--disable-gpu"])
-        page, console = None, []
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-            page.goto(f"{base}/lab/tree/{rel}?token={token}", wait_until="domcontentloaded")
-            panel = page.locator(".jp-NotebookPanel:visible").first
-            panel.wait_for(state="visible", timeout=60_000)
-            page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell').length > 3",
-                                   timeout=30_000)
-            curve = panel.locator(".jp-CodeCell").filter(
-                has=page.locator(".jp-InputArea", has_text="curves_figure"))
-            assert curve.count() == 1, f"{curve.count()} cells call figures.curves_figure in {rel}"
-            curve.first.scroll_into_view_if_needed()
-            imgs = curve.first.locator(".jp-OutputArea-output img")
-            imgs.first.wait_for(state="attached", timeout=30_000)
-            text = "\n".join(curve.first.locator(".jp-OutputArea-output").all_inner_texts())
-            curve.first.screenshot(path=str(artefacts / "04_distill_curve_cell.png"))
-            page.screenshot(path=str(artefacts / "05_distill_executed.png"), full_page=True)
-            assert imgs.count() >= 1, "the curve cell shows no <img>"
-            assert "<Figure size" not in text, f"the curve cell shows a figure as text: {text[:200]!r}"
-            all_text = "\n".join(panel.locator(".jp-OutputArea-output").all_inner_texts())
-            assert "<Figure size" not in all_text, "a figure of notebook 30 showed as text, not as an image"
-            print(f"browser: {rel} opened; curve cell: {imgs.count()} image(s); screenshots: {artefacts}")
-        except BaseException:
-            _keep_failure(page, artefacts, log_path, console)
-            raise
-        finally:
-            browser.close()
+    with _lab_page(chromium, sync_playwright, artefacts, log_path) as page:
+        page.goto(f"{base}/lab/tree/{rel}?token={token}", wait_until="domcontentloaded")
+        panel = page.locator(".jp-NotebookPanel:visible").first
+        panel.wait_for(state="visible", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell').length > 3",
+                               timeout=30_000)
+        curve = _find_code_cell(page, panel, "curves_figure")
+        assert curve.count() == 1, f"{curve.count()} cells call figures.curves_figure in {rel}"
+        curve.first.scroll_into_view_if_needed()
+        imgs = curve.first.locator(".jp-OutputArea-output img")
+        imgs.first.wait_for(state="attached", timeout=30_000)
+        text = "\n".join(curve.first.locator(".jp-OutputArea-output").all_inner_texts())
+        curve.first.screenshot(path=str(artefacts / "04_distill_curve_cell.png"))
+        page.screenshot(path=str(artefacts / "05_distill_executed.png"), full_page=True)
+        assert imgs.count() >= 1, "the curve cell shows no <img>"
+        assert "<Figure size" not in text, f"the curve cell shows a figure as text: {text[:200]!r}"
+        all_text = "\n".join(panel.locator(".jp-OutputArea-output").all_inner_texts())
+        assert "<Figure size" not in all_text, "a figure of notebook 30 showed as text, not as an image"
+        print(f"browser: {rel} opened; curve cell: {imgs.count()} image(s); screenshots: {artefacts}")

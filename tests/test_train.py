@@ -37,20 +37,28 @@ def _state_equal(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory):
-    """A resnet_tiny_t teacher trained on toy_fgvc at 32 px: the demo recipe at half its epochs
-    (one-cycle, 30 epochs, one thread as conftest sets: about 70 s, 86.3 % top-1 measured)."""
+    """A resnet_tiny_t teacher trained on toy_fgvc at 32 px with the demo recipe (one-cycle, 60
+    epochs; 97.7 % top-1 on these 300 test images, 183 s with two threads on the 2-core AMD EPYC of
+    2026-12-02). Half the epochs was chaotic: 62.7, 36.3 and 62.3 % for seeds 0-2 (and 86 % on
+    another machine), and a 63 % teacher left the smoke distillation at 16 %. Two threads here
+    (the result of this recipe does not hinge on them: 92-98 % over seeds and thread counts),
+    back to one for the tests (conftest)."""
     root = tmp_path_factory.mktemp("teacher_runs")
-    cfg = TeacherConfig(run_name="toy_t", arch="resnet_tiny_t", epochs=30, batch_size=32, lr=0.05,
+    cfg = TeacherConfig(run_name="toy_t", arch="resnet_tiny_t", epochs=60, batch_size=32, lr=0.05,
                         schedule="onecycle", **TOY)
     run = tracking.start_run("teacher", cfg.run_name, cfg, runs_root=root)
-    summary = train_teacher(cfg, run, progress=False)
+    torch.set_num_threads(2)
+    try:
+        summary = train_teacher(cfg, run, progress=False)
+    finally:
+        torch.set_num_threads(1)
     return root, cfg, summary
 
 
 def test_teacher_learns_toy_well_above_chance(toy_teacher):
     root, cfg, summary = toy_teacher
     chance = 100.0 / cfg.toy_num_classes
-    assert summary["top1_last"] >= 5 * chance, summary
+    assert summary["top1_last"] >= 8 * chance, summary   # 80 %: this recipe gave 92-98 %
     run = tracking.Run(root / "teacher" / cfg.run_name)
     for name in ("params.yaml", "env.json", "metrics.csv", "summary.json", "weights/best.safetensors",
                  "weights/best.json", "weights/last.safetensors", "weights/last.json", "state/last.pt"):
@@ -103,14 +111,18 @@ def _distill_cfg(teacher_run, **kw):
 def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeypatch):
     root, tcfg, tsum = toy_teacher
     monkeypatch.setenv("DFKD_RUNS", str(root))
-    cfg = _distill_cfg(tcfg.run_name, run_name="smoke")
+    # the demo recipe (params/demo/distill.yaml: keep-all replay pool, alpha 3, 10 G + 25 S steps per
+    # iteration) at half its iterations: 20 x (10 G + 25 S) = 200 generator, 500 student steps
+    cfg = _distill_cfg(tcfg.run_name, run_name="smoke", s_steps=25, epochs=4, iters_per_epoch=5, alpha=3.0,
+                       replay="pool", replay_size=20000)
     summary = distill(cfg, tracking.start_run("distill", "smoke", cfg), progress=False)
     chance = 100.0 / tcfg.toy_num_classes
     # measured on the real (toy) test images, never on the generator's. A student that learns
-    # nothing transferable stays at chance (10 %; the paper's BN-free generator at this budget
-    # measured 10.0 %); this budget (2 CPU minutes, 400 generator and 200 student steps) measured
-    # 24.7 % last epoch, with 1 and 2 threads alike (the teacher 86 %).
-    assert summary["student_top1_last"] >= 2 * chance, summary
+    # nothing transferable stays at chance (10 %). This budget measured 42.0 % last epoch from the
+    # 97.7 % teacher (seed 0, one thread, about 3 minutes on the 2-core AMD EPYC of 2026-12-02);
+    # the former 40 x (10 G + 5 S) without the pool gave 24.7 % from an 86 % teacher, 16.3 % from
+    # a 63 % one. One standard error on these 300 images is 2.8 points at 40 %.
+    assert summary["student_top1_last"] >= 2.5 * chance, summary
     assert summary["teacher_top1"] == pytest.approx(tsum["top1_last"])
     for k in ("images_generated", "images_consumed", "g_steps", "s_steps", "teacher_forwards"):
         assert summary["budget"][k] > 0
