@@ -154,3 +154,17 @@ def test_widget_images_have_a_fixed_display_size():
     px = f"{widgets.DISPLAY_PX}px"
     assert all(im.layout.width == px and im.layout.height == px for im in found)
     assert all(b.layout.align_items == "flex-start" for b in boxes)
+
+
+def test_loss_terms_figure_leaves_out_the_step_counters(tmp_path):
+    """``g_steps`` / ``s_steps`` (cumulative budget counters in the epoch rows of metrics.csv) share
+    the loss prefixes but are not loss terms: drawn, they dwarfed the losses (0-1,000 against ~1)."""
+    run = tracking.start_run("distill", "terms", {**TOY, "method": "dfkd_fgvc"}, runs_root=tmp_path)
+    for i in range(4):
+        row = {"iter": i, "epoch": i // 2, "g_bn": 2.0 - i / 4, "g_kd": 0.5, "s_kd": 1.0 - i / 8, "s_mhad": 0.1}
+        if i % 2:
+            row.update(g_steps=10 * (i + 1), s_steps=25 * (i + 1), test_top1=20.0 + i)
+        run.log(row)
+    fig = figures.loss_terms_figure(run)
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    assert labels == [["g_bn", "g_kd"], ["s_kd", "s_mhad"]], labels

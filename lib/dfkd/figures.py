@@ -168,12 +168,16 @@ def curves_figure(runs: Sequence[tracking.Run], y: str = "test_top1", x: str = "
 
 
 def loss_terms_figure(run: tracking.Run, prefixes: Sequence[str] = ("g_", "s_"), x: str = "iter"):
-    """Every logged loss term of one run over iterations (generator and student panels)."""
+    """Every logged loss term of one run over iterations (generator and student panels). The budget
+    counters that share the prefixes (``g_steps``, ``s_steps``: cumulative step counts in the epoch
+    rows) are not loss terms and are left out."""
+    from .methods.base import COUNTERS   # here, not at import: dfkd.figures stays light
     rows = run.metrics()
     fig = _figure((4.6 * len(prefixes), 3.2))
     axes = fig.subplots(1, len(prefixes), squeeze=False)
     for ax, pre in zip(axes[0], prefixes):
-        keys = sorted({k for r in rows for k in r if k.startswith(pre) and isinstance(r.get(k), (int, float))})
+        keys = sorted({k for r in rows for k in r if k.startswith(pre) and k not in COUNTERS
+                       and isinstance(r.get(k), (int, float))})
         for k in keys:
             pts = [(r[x], r[k]) for r in rows if r.get(k) is not None and r.get(x) is not None]
             if pts:
