@@ -41,7 +41,7 @@ def synthesize(cfg: SynthConfig, run: Run, *, progress: bool = True) -> dict:
     steps = range(cfg.steps)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="generator steps")
+        steps = tqdm(steps, desc="generator steps", mininterval=1.0)
     with method.generator_phase():
         for step in steps:
             losses = method.generator_step()
