@@ -20,7 +20,7 @@ from .tracking import Run, atomic_torch_save
 
 def synthesize(cfg: SynthConfig, run: Run, *, progress: bool = True) -> dict:
     """Run the generator stage; returns the summary (a finished run returns its summary)."""
-    from .train import build_model, eval_loader, load_teacher, save_samples
+    from .train import _progress, build_model, eval_loader, load_teacher, save_samples
 
     if run.is_finished():
         return run.summary()
@@ -38,10 +38,7 @@ def synthesize(cfg: SynthConfig, run: Run, *, progress: bool = True) -> dict:
     if not method.uses_generator:
         raise ValueError(f"method {cfg.method!r} has no generator; notebook 20 needs a generator-based method")
     t0 = time.time()
-    steps = range(cfg.steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="generator steps", mininterval=1.0)
+    steps = _progress(range(cfg.steps), progress, desc="generator steps")
     with method.generator_phase():
         for step in steps:
             losses = method.generator_step()
