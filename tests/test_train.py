@@ -99,8 +99,9 @@ def test_resume_with_other_parameters_is_refused(runs_root):
 
 
 def _distill_cfg(teacher_run, **kw):
-    # the demo's distillation settings (params/demo/distill.yaml): BN in the generator blocks and
-    # lr_g 3e-3 keep the generator from collapsing within this tiny budget (docs/decisions.md#loop)
+    # the demo's generator and student settings (params/demo/distill.yaml) at a small budget without
+    # the replay pool (the smoke test adds the demo's pool and step counts): BN in the generator blocks
+    # and lr_g 3e-3 keep the generator from collapsing within this tiny budget (docs/decisions.md#loop)
     base = dict(TOY, method="dfkd_fgvc", teacher_run=teacher_run, student_arch="resnet_tiny_s", nz=64,
                 ngf=16, batch_size=32, g_steps=10, s_steps=5, epochs=4, iters_per_epoch=10, lr_s=0.05,
                 lr_g=3e-3, block_norm="bn", test_batch_size=150)
