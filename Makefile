@@ -16,17 +16,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[notebooks,dev,pretrained]"
 	touch $(STAMP)
 
+# the demo's two distillations (and the synthesis) run side by side on the 2 cores once the teacher is done
+DEMO_EXECUTOR ?= local:2
+TEST_JOBS ?= 2
+
 demo: $(STAMP)    ## teacher -> synthesis -> distillation -> figures on the embedded dataset (CPU, < 10 min)
-	$(PY) -m dfkd.batch batches/demo.yaml
+	$(PY) -m dfkd.batch batches/demo.yaml --executor $(DEMO_EXECUTOR)
 
 lab: $(STAMP)     ## JupyterLab on http://127.0.0.1:8888 (LAB_PORT=...), project settings from jupyter_config/
 	$(PY) -m dfkd.lab $(LAB_ARGS)
 
-test: $(STAMP)    ## the whole suite (notebooks included)
-	$(PY) -m pytest -q
+test: $(STAMP)    ## the whole suite (notebooks included), in TEST_JOBS pytest-xdist workers (a test file each)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not notebooks"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not notebooks"
 
 smoke: $(STAMP)   ## every notebook with tiny CPU settings, into runs-smoke/
 	$(PY) -m dfkd.batch batches/smoke.yaml --smoke --runs-dir runs-smoke

@@ -182,6 +182,21 @@ def test_mha_matches_written_out_formula(R):
     assert torch.allclose(m2(x), _manual_mha(m2, x, after_sum=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("sigmoid", ["per_route", "after_sum"])
+def test_mha_fused_convolutions_give_each_module_its_own_gradient(sigmoid):
+    """The forward runs the reducers / expanders as two fused convolutions; the gradients of the
+    input and of every per-module weight (what the trainable MHA modes optimise) must be those of
+    the written-out per-module formula."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 5, 5, requires_grad=True)
+    m = MixedHighOrderAttention(16, order=3, sigmoid=sigmoid)
+    params = [x] + list(m.parameters())
+    g_fused = torch.autograd.grad(m(x).square().sum(), params)
+    g_ref = torch.autograd.grad(_manual_mha(m, x, after_sum=sigmoid == "after_sum").square().sum(), params)
+    for a, b in zip(g_fused, g_ref):
+        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("R", [1, 2, 3])
 def test_every_mha_route_contributes(R):
     torch.manual_seed(0)

@@ -663,12 +663,45 @@ def test_generator_lr_schedule_switch(name):
     assert back.lr() == cos.lr()
 
 
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+@pytest.mark.parametrize("name", ["dfkd_fgvc", "dfq"])
+def test_student_lr_schedule_per_iteration_reaches_zero_and_per_epoch_does_not(name):
+    """s_lr_schedule='iter': cosine over epochs x iters_per_epoch iterations, stepped by
+    iteration_end (0 after the last one); 'epoch' (default): only epoch_end steps it."""
+    lr_s, ep, it = 0.05, 4, 3
+    per_it = make(name, epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="iter")
+    per_ep = make(name, epochs=ep, iters_per_epoch=it, lr_s=lr_s)
+    seen = []
+    for k in range(ep * it):
+        for m in (per_it, per_ep):
+            m.iteration_end()
+        seen.append(per_it.lr()["lr_s"])
+        assert per_ep.lr()["lr_s"] == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * (k // it) / ep)) * lr_s)      # unchanged inside an epoch
+        assert seen[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (k + 1) / (ep * it))) * lr_s, abs=1e-12)
+        if (k + 1) % it == 0:
+            for m in (per_it, per_ep):
+                m.epoch_end()
+            assert per_it.lr()["lr_s"] == pytest.approx(seen[-1])        # epoch_end leaves 'iter' alone
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
+    assert per_ep.lr()["lr_s"] == pytest.approx(0.0, abs=1e-12)         # T_max = epochs: 0 after the 4th
+    assert all(a > b for a, b in zip(seen, seen[1:]))
+    back = make(name, epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="iter", seed=2)
+    mid = make(name, epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="iter")
+    for _ in range(5):
+        mid.iteration_end()
+    back.load_checkpoint_state(roundtrip(mid.checkpoint_state()))
+    back.iteration_end()
+    mid.iteration_end()
+    assert back.lr()["lr_s"] == mid.lr()["lr_s"]
+
 # ================================================================================================
 # config validation when a dataclass is built directly
 # ================================================================================================
 BAD_DISTILL = [("sam_softmax", "rows"), ("block_norm", "x"), ("output_map", "x"), ("kd_direction", "x"),
                ("mha_mode", "x"), ("mhad_mode", "x"), ("amp", "x"), ("replay", "x"), ("replay_aug", "x"),
-               ("g_lr_schedule", "x"), ("image_size", 0),
+               ("g_lr_schedule", "x"), ("s_lr_schedule", "x"), ("image_size", 0),
                ("batch_size", 1), ("epochs", 0), ("mha_order", 0), ("mha_order", 7), ("replay_fresh", 1.5),
                ("replay_fresh", -0.1), ("replay_size", 0), ("lr_g", 0.0), ("lr_s", -1.0), ("tau", float("inf")),
                ("kd_T", float("nan"))]

@@ -112,8 +112,9 @@ def _distill_cfg(teacher_run, **kw):
 def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeypatch):
     root, tcfg, tsum = toy_teacher
     monkeypatch.setenv("DFKD_RUNS", str(root))
-    # the demo recipe (params/demo/distill.yaml: keep-all replay pool, alpha 3, 10 G + 25 S steps per
-    # iteration) at half its iterations: 20 x (10 G + 25 S) = 200 generator, 500 student steps
+    # the demo recipe of stop 15 (keep-all replay pool, alpha 3, 10 G + 25 S steps per iteration; the
+    # demo now adds s_lr_schedule iter and gamma 1, not measured at this budget and teacher) at half
+    # its iterations: 20 x (10 G + 25 S) = 200 generator, 500 student steps
     cfg = _distill_cfg(tcfg.run_name, run_name="smoke", s_steps=25, epochs=4, iters_per_epoch=5, alpha=3.0,
                        replay="pool", replay_size=20000)
     summary = distill(cfg, tracking.start_run("distill", "smoke", cfg), progress=False)

@@ -164,21 +164,35 @@ class MixedHighOrderAttention(nn.Module):
 
     def route_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-route pre-sigmoid maps ``U_r(ReLU(prod_i W_ri x))``, each (B, C, H, W)."""
-        outs = []
-        for reducers, expander in zip(self.reducers, self.expanders):
-            prod = reducers[0](x)
-            for red in reducers[1:]:
-                prod = prod * red(x)              # r-th order term: product of r linear maps
-            outs.append(expander(F.relu(prod)))   # ReLU after the product (HighDivModule)
-        return outs
+        return list(self._stacked_logits(x).unbind(1))
+
+    def _stacked_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """All routes at once, (B, R, C, H, W): the R(R+1)/2 reducers as one 1x1 convolution of
+        their concatenated weights and the R expanders as one grouped 1x1 convolution (groups=R).
+        The same linear maps as one convolution per reducer/expander (the per-module weights stay
+        the parameters), in 2 convolution calls instead of R(R+3)/2: on a CPU the small calls cost
+        more than their arithmetic (tests/test_attention.py checks it against the per-module form)."""
+        ci, c, order = self.inter_channels, self.channels, self.order
+        w = torch.cat([red.weight for reducers in self.reducers for red in reducers])
+        q = F.conv2d(x, w.to(x.dtype)).split(ci, dim=1)     # R(R+1)/2 maps W_ri x, (B, C', H, W) each
+        prods, k = [], 0
+        for r in range(1, order + 1):
+            prod = q[k]
+            for i in range(1, r):
+                prod = prod * q[k + i]            # r-th order term: product of r linear maps
+            prods.append(F.relu(prod))            # ReLU after the product (HighDivModule)
+            k += r
+        u = torch.cat([e.weight for e in self.expanders])   # (R C, C', 1, 1)
+        logits = F.conv2d(torch.cat(prods, 1), u.to(x.dtype), groups=order)
+        return logits.unflatten(1, (order, c))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """A (B, C, H, W) in (0, 1)."""
-        logits = self.route_logits(x)
+        logits = self._stacked_logits(x)
         if self.sigmoid_mode == "per_route":
-            a = torch.stack([torch.sigmoid(l) for l in logits]).mean(0)
+            a = torch.sigmoid(logits).mean(1)
         else:
-            a = torch.sigmoid(torch.stack(logits).sum(0))
+            a = torch.sigmoid(logits.sum(1))
         with torch.no_grad():
             self.last_attention_mean = a.detach().float().mean()
         return a

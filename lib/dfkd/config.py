@@ -88,6 +88,7 @@ class DistillConfig(DataConfig):
     g_beta2: float = 0.99
     g_lr_schedule: str = "constant"    # constant (paper silent) | cosine (over epochs, like the student)
     lr_s: float = 0.01
+    s_lr_schedule: str = "epoch"       # epoch: cosine stepped per epoch (Sec. 5.1 read literally) | iter: per iteration, to 0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # --- generator (Table 6) ---
@@ -304,6 +305,7 @@ def validate(cfg) -> None:
         "mha_mode": ("frozen", "trainable", "separate"),
         "mhad_mode": ("auto", "stages", "penultimate"),
         "g_lr_schedule": ("constant", "cosine"),
+        "s_lr_schedule": ("epoch", "iter"),
         "amp": ("auto", "bf16", "off"),
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),

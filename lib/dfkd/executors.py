@@ -4,8 +4,9 @@
 - ``local:N`` (:func:`run_pool`): up to N jobs at once, each in its own worker process
   (``python -m dfkd.executors worker``) as soon as its ``needs`` are done. With GPUs each job gets
   its own device(s) through ``CUDA_VISIBLE_DEVICES`` (``resources.gpus``, default 1, or the
-  ``torchrun`` count); without, each job gets ``cores // N`` threads (``OMP_NUM_THREADS`` & co.,
-  which torch reads for its intra-op pool).
+  ``torchrun`` count); without, a job gets ``cores // min(N, jobs that can run at that moment)``
+  threads (``OMP_NUM_THREADS`` & co., which torch reads for its intra-op pool): a lone job (the
+  teacher that the rest needs) gets every core, two at once half each.
 - ``slurm`` (:func:`submit_slurm`): one SLURM job per run through submitit, ``needs`` as
   ``afterok`` dependencies (``kill-on-invalid-dep``: a failed need cancels its dependents instead of
   leaving them pending forever), resources from the manifest's ``resources:`` or the command line,
@@ -102,7 +103,8 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
             raise BatchError(f"job(s) {too_big} want more GPUs than the {len(gpus)} visible here")
         log(f"local:{n_workers}: {len(gpus)} GPU(s) {','.join(gpus)}: one device set per job")
     else:
-        log(f"local:{n_workers}: no GPU; {threads} thread(s) per job")
+        log(f"local:{n_workers}: no GPU; {cores or cpu_count()} cores shared by the jobs running at once "
+            f"(at least {threads} thread(s) each)")
     status: dict[str, str] = {}
     seconds: dict[str, float] = {}
     pending = list(jobs)
@@ -128,10 +130,13 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 if want > len(free):
                     continue
                 devices, free = free[:want], free[want:]
-                env = {**thread_env(threads), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+                # CPU: the cores are shared by the jobs that can run now (a lone job, e.g. the
+                # teacher everything else needs, gets them all; two at once get half each)
+                share = max(1, (cores or cpu_count()) // max(1, min(n_workers, len(running) + _ready(pending, status))))
+                env = {**thread_env(share if not gpus else threads), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
                 spec = tmp / f"job{jobs.index(job)}.pkl"
                 spec.write_bytes(pickle.dumps({"job": job, "kw": kw}))
-                where = f"GPU {','.join(devices)}" if devices else f"{threads} thread(s)"
+                where = f"GPU {','.join(devices)}" if devices else f"{share} thread(s)"
                 log(f"[start] {job.name} ({where})")
                 proc = _start_worker(spec, env)
                 running[job.name] = (proc, job, devices, time.perf_counter(), spec)
@@ -156,6 +161,11 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 proc.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
     return status, seconds
+
+
+def _ready(pending: list[ResolvedJob], status: Mapping[str, str]) -> int:
+    """How many pending jobs could start now (every need done or skipped)."""
+    return sum(all(status.get(n) in (DONE, SKIPPED) for n in j.needs) for j in pending)
 
 
 class _Forked:

@@ -388,6 +388,7 @@ def distill(cfg: DistillConfig, run: Run, *, progress: bool = True,
                         total=total_iters):
         epoch = it // cfg.iters_per_epoch
         losses = method.iteration()
+        method.iteration_end()
         for k, v in losses.items():
             acc_sum[k] = acc_sum.get(k, 0) + v
         acc_n += 1

@@ -146,7 +146,10 @@ class DistillMethod(nn.Module):
         params = [p for m in self.trainable_student_modules() for p in m.parameters() if p.requires_grad]
         self.s_opt = make_optimizer(torch.optim.SGD, params, self.device, self.optim_impl, lr=cfg.lr_s,
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=max(1, cfg.epochs))
+        # cosine over the epochs (stepped at each epoch's end) or, s_lr_schedule="iter", over the
+        # iterations (stepped after each, reaching 0 at the end; docs/decisions.md#synthesis)
+        t_max = cfg.epochs * cfg.iters_per_epoch if cfg.s_lr_schedule == "iter" else cfg.epochs
+        self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=max(1, t_max))
         gparams = self.generator_parameters()
         if gparams:
             self.g_opt = make_optimizer(torch.optim.Adam, gparams, self.device, self.optim_impl,
@@ -302,9 +305,14 @@ class DistillMethod(nn.Module):
     def s_steps_per_iteration(self) -> int:
         return self.cfg.s_steps
 
+    def iteration_end(self) -> None:
+        """Per-iteration schedule step (``s_lr_schedule="iter"`` only); called after each iteration."""
+        if self.s_sched is not None and self.cfg.s_lr_schedule == "iter":
+            self.s_sched.step()
+
     def epoch_end(self) -> None:
         """Per-epoch schedule step (cosine annealing of the student's learning rate)."""
-        if self.s_sched is not None:
+        if self.s_sched is not None and self.cfg.s_lr_schedule == "epoch":
             self.s_sched.step()
         if getattr(self, "g_sched", None) is not None:
             self.g_sched.step()
