@@ -27,10 +27,10 @@ lab: $(STAMP)     ## JupyterLab on http://127.0.0.1:8888 (LAB_PORT=...), project
 	$(PY) -m dfkd.lab $(LAB_ARGS)
 
 test: $(STAMP)    ## the whole suite (notebooks included), in TEST_JOBS pytest-xdist workers (a test file each)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not notebooks"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not notebooks"
 
 smoke: $(STAMP)   ## every notebook with tiny CPU settings, into runs-smoke/
 	$(PY) -m dfkd.batch batches/smoke.yaml --smoke --runs-dir runs-smoke

@@ -59,17 +59,3 @@ def runs_root(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DFKD_RUNS", str(root))
     return root
 
-
-# The files whose session fixtures take minutes (the 60-epoch toy teacher + smoke distillation, the
-# smoke notebook batch, the torchrun ranks) are collected first: `make test` runs the suite in two
-# pytest-xdist workers with --dist loadfile, which hands out whole files in collection order, so the
-# long ones start at once on different workers instead of one of them finishing alone at the end
-# (with --no-loadscope-reorder: xdist would otherwise order the files by their number of tests).
-LONG_FILES = ("test_train.py", "test_notebooks.py", "test_dist.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        name = Path(str(item.fspath)).name
-        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
-    items.sort(key=rank)   # stable: the order inside a file, and of the other files, is kept

@@ -18,6 +18,12 @@ TOY = dict(dataset="toy_fgvc", image_size=32, toy_num_classes=10, toy_train_per_
            toy_test_per_class=30, device="cpu", num_workers=0)
 
 
+# The toy teacher fixture trains for minutes; under `make test`'s two xdist workers it shares the 2
+# cores with the other worker's notebook kernels and took 382 s once, and over 600 s (pytest-timeout's
+# default here) when it ran beside the whole smoke notebook batch: this file gets 20 minutes per test.
+pytestmark = pytest.mark.timeout(1200)
+
+
 class Killed(RuntimeError):
     pass
 
