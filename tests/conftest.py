@@ -58,4 +58,3 @@ def runs_root(tmp_path, monkeypatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("DFKD_RUNS", str(root))
     return root
-

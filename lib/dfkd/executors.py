@@ -96,14 +96,15 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
     machine's (:func:`visible_gpus`, :func:`cpu_count`).
     """
     gpus = visible_gpus() if gpus is None else list(gpus)
-    threads = max(1, (cores or cpu_count()) // n_workers)
+    cores = cores or cpu_count()
+    threads = max(1, cores // n_workers)
     if gpus:
         too_big = [j.name for j in jobs if gpus_wanted(j) > len(gpus)]
         if too_big:
             raise BatchError(f"job(s) {too_big} want more GPUs than the {len(gpus)} visible here")
         log(f"local:{n_workers}: {len(gpus)} GPU(s) {','.join(gpus)}: one device set per job")
     else:
-        log(f"local:{n_workers}: no GPU; {cores or cpu_count()} cores shared by the jobs running at once "
+        log(f"local:{n_workers}: no GPU; {cores} cores shared by the jobs running at once "
             f"(at least {threads} thread(s) each)")
     status: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -122,7 +123,7 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                     status[job.name] = BLOCKED
                     pending.remove(job)
                     continue
-                if any(status.get(n) not in (DONE, SKIPPED) for n in job.needs):
+                if not _needs_done(job, status):
                     continue  # a need is still pending or running
                 if len(running) >= n_workers:
                     break
@@ -132,8 +133,9 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 devices, free = free[:want], free[want:]
                 # CPU: the cores are shared by the jobs that can run now (a lone job, e.g. the
                 # teacher everything else needs, gets them all; two at once get half each)
-                share = max(1, (cores or cpu_count()) // max(1, min(n_workers, len(running) + _ready(pending, status))))
-                env = {**thread_env(share if not gpus else threads), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
+                runnable = len(running) + sum(_needs_done(j, status) for j in pending)
+                share = threads if gpus else max(1, cores // min(n_workers, runnable))
+                env = {**thread_env(share), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
                 spec = tmp / f"job{jobs.index(job)}.pkl"
                 spec.write_bytes(pickle.dumps({"job": job, "kw": kw}))
                 where = f"GPU {','.join(devices)}" if devices else f"{share} thread(s)"
@@ -163,9 +165,9 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
     return status, seconds
 
 
-def _ready(pending: list[ResolvedJob], status: Mapping[str, str]) -> int:
-    """How many pending jobs could start now (every need done or skipped)."""
-    return sum(all(status.get(n) in (DONE, SKIPPED) for n in j.needs) for j in pending)
+def _needs_done(job: ResolvedJob, status: Mapping[str, str]) -> bool:
+    """Every need of ``job`` is done or skipped: it may start."""
+    return all(status.get(n) in (DONE, SKIPPED) for n in job.needs)
 
 
 class _Forked:
