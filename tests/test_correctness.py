@@ -696,12 +696,46 @@ def test_student_lr_schedule_per_iteration_reaches_zero_and_per_epoch_does_not(n
     mid.iteration_end()
     assert back.lr()["lr_s"] == mid.lr()["lr_s"]
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_student_onecycle_schedule_warms_up_then_anneals_per_iteration():
+    """s_lr_schedule='onecycle': lr_s / 25 at the start, lr_s after s_warmup of the iterations
+    (linear-in-cosine warm-up), ~0 after the last iteration; epoch_end does not step it; resumes."""
+    lr_s, ep, it, warm = 0.05, 4, 5, 0.25
+    m = make("dfkd_fgvc", epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="onecycle", s_warmup=warm)
+    n = ep * it
+    peak = warm * n - 1                                  # OneCycleLR's last warm-up step index
+    lrs = [m.lr()["lr_s"]]
+    for k in range(n):
+        m.iteration_end()
+        if (k + 1) % it == 0:
+            before = m.lr()["lr_s"]
+            m.epoch_end()
+            assert m.lr()["lr_s"] == before              # epoch_end leaves it alone
+        lrs.append(m.lr()["lr_s"])
+    assert lrs[0] == pytest.approx(lr_s / 25)
+    assert lrs[int(peak)] == pytest.approx(lr_s)
+    for k in range(1, int(peak) + 1):                    # warm-up: cosine from lr_s/25 up to lr_s
+        assert lrs[k] == pytest.approx(lr_s / 25 + (lr_s - lr_s / 25) * 0.5 * (1 - math.cos(math.pi * k / peak)))
+    down = [lrs[k] for k in range(int(peak), n)]
+    assert all(a > b for a, b in zip(down, down[1:]))    # then strictly down
+    assert lrs[n - 1] == pytest.approx(lr_s / 25 / 1e4, rel=1e-6)
+    mid = make("dfkd_fgvc", epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="onecycle", s_warmup=warm)
+    back = make("dfkd_fgvc", epochs=ep, iters_per_epoch=it, lr_s=lr_s, s_lr_schedule="onecycle", s_warmup=warm,
+                seed=2)
+    for _ in range(7):
+        mid.iteration_end()
+    back.load_checkpoint_state(roundtrip(mid.checkpoint_state()))
+    back.iteration_end()
+    mid.iteration_end()
+    assert back.lr()["lr_s"] == mid.lr()["lr_s"] == pytest.approx(lrs[8])
+
+
 # ================================================================================================
 # config validation when a dataclass is built directly
 # ================================================================================================
 BAD_DISTILL = [("sam_softmax", "rows"), ("block_norm", "x"), ("output_map", "x"), ("kd_direction", "x"),
                ("mha_mode", "x"), ("mhad_mode", "x"), ("amp", "x"), ("replay", "x"), ("replay_aug", "x"),
-               ("g_lr_schedule", "x"), ("s_lr_schedule", "x"), ("image_size", 0),
+               ("g_lr_schedule", "x"), ("s_lr_schedule", "x"), ("s_warmup", 0.0), ("s_warmup", 1.0), ("image_size", 0),
                ("batch_size", 1), ("epochs", 0), ("mha_order", 0), ("mha_order", 7), ("replay_fresh", 1.5),
                ("replay_fresh", -0.1), ("replay_size", 0), ("lr_g", 0.0), ("lr_s", -1.0), ("tau", float("inf")),
                ("kd_T", float("nan"))]

@@ -88,7 +88,7 @@ def test_config_rejects_bad_replay_values():
     for bad, key in ((dict(replay="bank"), "replay"), (dict(replay_fresh=1.5), "replay_fresh"),
                      (dict(replay_aug="mixup"), "replay_aug"),
                      (dict(method="fast", method_options={"meta": "maml"}), "'meta'.*'fast'"),
-                     (dict(replay_size=0), "replay_size")):
+                     (dict(replay_size=0), "replay_size"), (dict(replay_extra=-1), "replay_extra")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
 
@@ -258,6 +258,34 @@ def test_momentum_bn_prior_by_hand():
     assert torch.allclose(bn.per_layer()[0], want, atol=1e-5)
     bn.update_memory()
     assert torch.allclose(memory[0][0], bm, atol=1e-6)
+
+
+def test_replay_extra_adds_samples_of_the_updated_generator():
+    """replay_extra=k: after each generator step k more batches of the *updated* generator join the
+    pool, at new noise and without a teacher pass; off (0) by default."""
+    m = build("dfkd_fgvc", replay="pool", replay_size=256, replay_extra=2, g_steps=3)
+    b = m.cfg.batch_size
+    weights = []          # the generator's weights at each generate() call
+    real_generate = m.generate
+
+    def recording(n, z=None):
+        weights.append(torch.cat([p.detach().flatten().clone() for p in m.generator.parameters()]))
+        return real_generate(n, z)
+    m.generate = recording
+    forwards = m.counters["teacher_forwards"]
+    with m.generator_phase():
+        m.generator_step()
+    final = torch.cat([p.detach().flatten() for p in m.generator.parameters()])
+    assert len(m.replay) == 3 * b and len(weights) == 3
+    assert not torch.equal(weights[0], final)                          # the loss batch: before the update
+    assert torch.equal(weights[1], final) and torch.equal(weights[2], final)   # extras: after it
+    assert m.counters["teacher_forwards"] - forwards == b              # the extras skip the teacher
+    pool = m.replay.pool.images[:3 * b]
+    assert not torch.equal(pool[b:2 * b], pool[2 * b:])                # new noise each batch
+    off = build("dfkd_fgvc", replay="pool", replay_size=256, g_steps=3)
+    with off.generator_phase():
+        off.generator_step()
+    assert len(off.replay) == b and tiny_cfg().replay_extra == 0
 
 
 def test_class_coverage_terms_enter_the_generator_loss():

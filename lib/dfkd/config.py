@@ -89,6 +89,8 @@ class DistillConfig(DataConfig):
     g_lr_schedule: str = "constant"    # constant (paper silent) | cosine (over epochs, like the student)
     lr_s: float = 0.01
     s_lr_schedule: str = "epoch"       # epoch: cosine stepped per epoch (Sec. 5.1 read literally) | iter: per iteration, to 0
+                                       # | onecycle: warm-up over s_warmup of the iterations, then cosine (per iteration)
+    s_warmup: float = 0.15             # onecycle only: share of the iterations spent warming up (teacher recipe: 0.15)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # --- generator (Table 6) ---
@@ -123,6 +125,7 @@ class DistillConfig(DataConfig):
     replay_size: int = 4096            # images kept in the replay pool (FIFO)
     replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix]: pool samples only
     replay_fresh: float = 0.0          # share of each student batch straight from the generator
+    replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
     # --- evaluation / logging / speed ---
@@ -305,7 +308,7 @@ def validate(cfg) -> None:
         "mha_mode": ("frozen", "trainable", "separate"),
         "mhad_mode": ("auto", "stages", "penultimate"),
         "g_lr_schedule": ("constant", "cosine"),
-        "s_lr_schedule": ("epoch", "iter"),
+        "s_lr_schedule": ("epoch", "iter", "onecycle"),
         "amp": ("auto", "bf16", "off"),
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),
@@ -324,6 +327,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
     if hasattr(cfg, "replay_fresh") and not 0.0 <= cfg.replay_fresh <= 1.0:
         raise ConfigError(f"replay_fresh must lie in [0, 1] (a share of the student batch), got {cfg.replay_fresh}")
+    if hasattr(cfg, "s_warmup") and not 0.0 < cfg.s_warmup < 1.0:
+        raise ConfigError(f"s_warmup must lie in (0, 1) (the share of the iterations that warms the "
+                          f"student's lr up under s_lr_schedule='onecycle'), got {cfg.s_warmup}")
+    if hasattr(cfg, "replay_extra") and cfg.replay_extra < 0:
+        raise ConfigError(f"replay_extra must be >= 0 (extra pool batches per generator step), got {cfg.replay_extra}")
     if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
         raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
     for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):

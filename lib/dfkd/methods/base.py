@@ -148,8 +148,15 @@ class DistillMethod(nn.Module):
                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # cosine over the epochs (stepped at each epoch's end) or, s_lr_schedule="iter", over the
         # iterations (stepped after each, reaching 0 at the end; docs/decisions.md#synthesis)
-        t_max = cfg.epochs * cfg.iters_per_epoch if cfg.s_lr_schedule == "iter" else cfg.epochs
-        self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=max(1, t_max))
+        # or, "onecycle", a warm-up over the first s_warmup of the iterations to lr_s, then the cosine
+        # to ~0 (OneCycleLR, the teacher recipe's schedule), stepped after each iteration
+        n_iters = max(1, cfg.epochs * cfg.iters_per_epoch)
+        if cfg.s_lr_schedule == "onecycle":
+            self.s_sched = torch.optim.lr_scheduler.OneCycleLR(self.s_opt, max_lr=cfg.lr_s, total_steps=n_iters,
+                                                               pct_start=cfg.s_warmup)
+        else:
+            t_max = n_iters if cfg.s_lr_schedule == "iter" else max(1, cfg.epochs)
+            self.s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.s_opt, T_max=t_max)
         gparams = self.generator_parameters()
         if gparams:
             self.g_opt = make_optimizer(torch.optim.Adam, gparams, self.device, self.optim_impl,
@@ -306,8 +313,8 @@ class DistillMethod(nn.Module):
         return self.cfg.s_steps
 
     def iteration_end(self) -> None:
-        """Per-iteration schedule step (``s_lr_schedule="iter"`` only); called after each iteration."""
-        if self.s_sched is not None and self.cfg.s_lr_schedule == "iter":
+        """Per-iteration schedule step (``s_lr_schedule`` "iter" or "onecycle"); called after each iteration."""
+        if self.s_sched is not None and self.cfg.s_lr_schedule in ("iter", "onecycle"):
             self.s_sched.step()
 
     def epoch_end(self) -> None:

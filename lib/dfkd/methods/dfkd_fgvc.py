@@ -118,6 +118,11 @@ class DFKDFGVC(DistillMethod):
         self.optimize(self.g_opt, loss)
         if self.replay is not None:   # every synthesised batch joins the pool (CMI, Fast)
             self.replay.add(x)
+            # replay_extra: more samples of the just-updated generator at new noise, without a
+            # teacher pass (the pool's teacher labels come at student time; docs/decisions.md#synthesis)
+            for _ in range(cfg.replay_extra):
+                with torch.no_grad(), self.autocast():
+                    self.replay.add(self.generate(cfg.batch_size))
         return {"loss": loss, "bn": l_bn, "kd": l_kd, **out}
 
     # ------------------------------------------------------------------ Eq. 11
