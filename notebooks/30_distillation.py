@@ -57,6 +57,8 @@ beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 1.0                        # SFCL weight (Eq. 11; paper: 8, which swamps KD at this budget)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
 replay_size: int = 20000                  # images kept in the pool (40 x 10 x 32 = 12,800: keep all)
+g_oh: float = 1.0                         # generator: confident teacher predictions (DFQ's L_oh; paper: 0)
+g_balance: float = 5.0                    # generator: balanced classes per batch (DFQ; paper: 0)
 # --- machine
 seed: int = 0
 device: str = 'auto'                      # auto | cpu | cuda | cuda:N
