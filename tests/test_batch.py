@@ -313,3 +313,19 @@ def test_only_requires_finished_needs(tmp_path):
     with pytest.raises(batch.BatchError, match="teacher/g1_s3"):
         batch.run_batch(root / "batches" / "b.yaml", only="b", runs_root=tmp_path / "runs", root=root)
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_takes_a_comma_list_and_accepts_needs_made_in_the_batch(tmp_path):
+    root = _project(tmp_path, LAYERED, files={"params/job.yaml": ""})
+    both = batch.resolve_jobs(root / "batches" / "b.yaml", only="b, a[tag=g1],a[tag=g2]", root=root)
+    assert [j.name for j in both] == ["a[tag=g1]", "a[tag=g2]", "b"]     # needs first
+    # b's needs are made by this batch: the dry run plans it instead of refusing it
+    planned = batch.run_batch(root / "batches" / "b.yaml", only="a,b", runs_root=tmp_path / "runs",
+                              root=root, dry_run=True, log=lambda m: None)
+    assert set(planned) == {"a[tag=g1]", "a[tag=g2]", "b"}
+    with pytest.raises(batch.BatchError, match="'nope' matches no job"):
+        batch.resolve_jobs(root / "batches" / "b.yaml", only="a,nope", root=root)
+    # a need outside the list is still refused (b needs a[tag=g2] too)
+    with pytest.raises(batch.BatchError, match="teacher/g2_s3"):
+        batch.run_batch(root / "batches" / "b.yaml", only="a[tag=g1],b", runs_root=tmp_path / "runs", root=root,
+                        dry_run=True, log=lambda m: None)

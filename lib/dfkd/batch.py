@@ -1,4 +1,4 @@
-"""Papermill batch runner: ``python -m dfkd.batch MANIFEST [--smoke] [--only JOB] [--runs-dir DIR]
+"""Papermill batch runner: ``python -m dfkd.batch MANIFEST [--smoke] [--only JOB[,JOB]] [--runs-dir DIR]
 [--set key=value ...] [--dry-run] [--force] [--executor local|local:N|slurm] [--status]``.
 
 Scope: read a manifest (``batches/*.yaml``), layer parameters, validate every key and type against
@@ -443,9 +443,10 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
     _link_needs(jobs, resolved, by_run)
     ordered = _topological(resolved)
     if only:
-        ordered = [r for r in ordered if only in (r.name, r.job)]
-        if not ordered:
-            raise BatchError(f"--only {only!r} matches no job; jobs: {[r.name for r in resolved]}")
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        if unmatched := [n for n in names if not any(n in (r.name, r.job) for r in resolved)]:
+            raise BatchError(f"--only {', '.join(unmatched)!r} matches no job; jobs: {[r.name for r in resolved]}")
+        ordered = [r for r in ordered if r.name in names or r.job in names]
     selected = {k for r in ordered for k in declared[r.job]}
     unknown = sorted(set(cli) - selected)
     if unknown:
@@ -727,16 +728,17 @@ def run_batch(manifest_path: str | Path, *, smoke: bool = False, sets=None, only
         j.resources.update(cli_res)
     runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(smoke).resolve()
     log(f"{len(jobs)} job(s) from {manifest_path}; runs root {runs_root}; executor {executor}")
+    if only:  # needed runs that this batch does not make must already be finished
+        made = {(j.stage, j.run_name) for j in jobs}
+        missing = sorted({f"{s}/{r}" for j in jobs for s, r in j.need_runs
+                          if (s, r) not in made and not is_finished(runs_root / s / r)})
+        if missing:
+            raise BatchError(f"--only {only}: needed run(s) not finished under {runs_root}: "
+                             f"{', '.join(missing)}; run those jobs first")
     if dry_run:
         for job in jobs:
             log(_describe(job, runs_root))
         return dict.fromkeys((j.name for j in jobs), PLANNED)
-    if only:  # the needed runs are not part of this batch: they must already be finished
-        missing = sorted({f"{s}/{r}" for j in jobs for s, r in j.need_runs
-                          if not is_finished(runs_root / s / r)})
-        if missing:
-            raise BatchError(f"--only {only}: needed run(s) not finished under {runs_root}: "
-                             f"{', '.join(missing)}; run those jobs first")
     kw = dict(runs_root=runs_root, force=force, figures_root=figures_root, log=log,
               if_locked=if_locked)
     if kind == "slurm":
@@ -789,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dfkd.batch", description=__doc__.split("\n\n")[0])
     ap.add_argument("manifest", help="batches/*.yaml")
     ap.add_argument("--smoke", action="store_true", help="put params/smoke.yaml on top of the manifest")
-    ap.add_argument("--only", metavar="JOB", help="run this job (or grid expansion) only")
+    ap.add_argument("--only", metavar="JOB[,JOB...]", help="run these jobs (names or grid expansions, "
+                    "comma-separated) only; what they need must be among them or finished")
     ap.add_argument("--runs-dir", metavar="DIR", help="runs root (default $DFKD_RUNS or runs/; "
                     "with --smoke runs/_smoke)")
     ap.add_argument("--figures-dir", metavar="DIR", help="sets DFKD_FIGURES for the notebooks")
