@@ -135,6 +135,19 @@ def test_local_n_gives_each_job_its_own_gpus(tmp_path):
         executors.run_pool(jobs, 2, runs_root=tmp_path / "runs", gpus=["0"])
 
 
+@pytest.mark.timeout(120)
+def test_local_n_runs_an_only_selection_whose_needs_finished_in_an_earlier_batch(tmp_path):
+    # `--only b --executor local:2` once a (which b needs) finished in an earlier batch: b starts
+    # (a need outside the batch is a finished run, not a pending job; this hung before)
+    manifest = "jobs:\n" + _job("a", "a") + _job("b", "b", needs=["a"])
+    root = _project(tmp_path, manifest)
+    path, runs = root / "batches" / "b.yaml", tmp_path / "runs"
+    assert batch.run_batch(path, only="a", runs_root=runs, root=root, log=lambda m: None) == {"a": "done"}
+    assert batch.run_batch(path, only="b", runs_root=runs, root=root, executor="local:2",
+                           log=lambda m: None) == {"b": "done"}
+    assert sorted(_summaries(runs)) == ["teacher/a", "teacher/b"]
+
+
 def test_two_batch_processes_on_one_runs_folder_run_each_run_once(tmp_path):
     jobs = [_job(f"j{i}", f"j{i}", seed=i, sleep=0.5) for i in range(4)]
     manifest = "jobs:\n" + "".join(jobs) + _job("last", "last", stage="distill", needs=["j0", "j3"],

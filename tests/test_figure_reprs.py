@@ -168,3 +168,17 @@ def test_loss_terms_figure_leaves_out_the_step_counters(tmp_path):
     fig = figures.loss_terms_figure(run)
     labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
     assert labels == [["g_bn", "g_kd"], ["s_kd", "s_mhad"]], labels
+
+
+def test_curves_grouped_by_method_share_a_colour_and_one_legend_entry(fake_run):
+    """``group`` (what the laptop protocol's curves use): a method's seeds are one colour and one
+    legend entry; other methods get other colours."""
+    run = fake_run[0]
+    labels = {0: "dfkd_fgvc (2 seeds)", 1: "dfkd_fgvc (2 seeds)", 2: "fast (1 seed)"}
+    order = iter(range(3))
+    fig = figures.curves_figure([run, run, run], x="epoch", group=lambda r: labels[next(order)])
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert len(lines) == 3
+    assert lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dfkd_fgvc (2 seeds)", "fast (1 seed)"]

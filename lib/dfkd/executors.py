@@ -109,6 +109,7 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
     status: dict[str, str] = {}
     seconds: dict[str, float] = {}
     pending = list(jobs)
+    names = {j.name for j in jobs}
     free = list(gpus)
     running: dict[str, tuple[subprocess.Popen, ResolvedJob, list[str], float, Path]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="dfkd-pool-"))
@@ -123,7 +124,7 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                     status[job.name] = BLOCKED
                     pending.remove(job)
                     continue
-                if not _needs_done(job, status):
+                if not _needs_done(job, status, names):
                     continue  # a need is still pending or running
                 if len(running) >= n_workers:
                     break
@@ -133,7 +134,7 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 devices, free = free[:want], free[want:]
                 # CPU: the cores are shared by the jobs that can run now (a lone job, e.g. the
                 # teacher everything else needs, gets them all; two at once get half each)
-                runnable = len(running) + sum(_needs_done(j, status) for j in pending)
+                runnable = len(running) + sum(_needs_done(j, status, names) for j in pending)
                 share = threads if gpus else max(1, cores // min(n_workers, runnable))
                 env = {**thread_env(share), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
                 spec = tmp / f"job{jobs.index(job)}.pkl"
@@ -165,9 +166,10 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
     return status, seconds
 
 
-def _needs_done(job: ResolvedJob, status: Mapping[str, str]) -> bool:
-    """Every need of ``job`` is done or skipped: it may start."""
-    return all(status.get(n) in (DONE, SKIPPED) for n in job.needs)
+def _needs_done(job: ResolvedJob, status: Mapping[str, str], in_batch: set[str]) -> bool:
+    """Every need of ``job`` that this batch runs is done or skipped: it may start. Needs outside
+    the batch (``--only``) are finished runs (:func:`batch.blocked_by` checked them)."""
+    return all(status.get(n) in (DONE, SKIPPED) for n in job.needs if n in in_batch)
 
 
 class _Forked:

@@ -149,19 +149,34 @@ def _figure(size):
 # --------------------------------------------------------------------------------------------
 # curves
 # --------------------------------------------------------------------------------------------
-def curves_figure(runs: Sequence[tracking.Run], y: str = "test_top1", x: str = "epoch", title: str = ""):
-    """``y`` against ``x`` from each run's metrics.csv, one line per run."""
-    fig = _figure((5.0, 3.4))
+def curves_figure(runs: Sequence[tracking.Run], y: str = "test_top1", x: str = "epoch", title: str = "",
+                  group=None, xlabel: str = "", ylabel: str = ""):
+    """``y`` against ``x`` from each run's metrics.csv, one line per run. ``group`` (run -> label):
+    runs of one label (a method's seeds) share a colour and one legend entry, the legend outside
+    the axes; without it every run is its own entry."""
+    fig = _figure((6.4, 3.6) if group else (5.0, 3.4))
     ax = fig.subplots()
+    styles: dict[str, tuple[str, str]] = {}   # label -> (colour, line style): 10 colours, then dashed
     for r in runs:
         rows = [m for m in r.metrics() if m.get(y) is not None and m.get(x) is not None]
-        if rows:
-            ax.plot([m[x] for m in rows], [m[y] for m in rows], marker="o", ms=3, label=r.name)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+        if not rows:
+            continue
+        label = group(r) if group else r.name
+        first = label not in styles
+        if first:
+            i = len(styles)
+            styles[label] = (f"C{i % 10}", "-" if i < 10 else "--")
+        colour, ls = styles[label]
+        ax.plot([m[x] for m in rows], [m[y] for m in rows], marker="o", ms=3, color=colour, ls=ls,
+                label=label if first else None)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
     ax.set_title(title or y)
-    if runs:
-        ax.legend(fontsize=7)
+    if styles:
+        if group:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        else:
+            ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

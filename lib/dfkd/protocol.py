@@ -48,7 +48,14 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     tracking.atomic_write_text(md, f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref))
     from . import figures
     runs = [tracking.Run(tracking.run_path("distill", r["run"], runs_root), write=False) for r in rows]
-    fig = figures.curves_figure(runs, y="test_top1", x="time_s", title=f"student top-1 (%) vs wall time: {part}")
+    method = {r["run"]: r["summary"].get("method") or r["params"].get("method") or r["run"] for r in rows}
+    seeds: dict[str, int] = {}
+    for m in method.values():
+        seeds[m] = seeds.get(m, 0) + 1
+    fig = figures.curves_figure(
+        runs, y="test_top1", x="time_s", title=f"student top-1 vs wall time: {spec['title']}",
+        group=lambda r: f"{method[r.name]} ({seeds[method[r.name]]} seed{'s' if seeds[method[r.name]] > 1 else ''})",
+        xlabel="distillation wall time (s)", ylabel="student top-1 on the test split (%)")
     png = out / f"laptop_{part}_curves.png"
     fig.savefig(png, dpi=120)
     return [md, png]
