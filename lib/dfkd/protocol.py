@@ -53,7 +53,7 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     for m in method.values():
         seeds[m] = seeds.get(m, 0) + 1
     fig = figures.curves_figure(
-        runs, y="test_top1", x="time_s", title=f"student top-1 vs wall time: {spec['title']}",
+        runs, y="test_top1", x="time_s", title=spec["title"],
         group=lambda r: f"{method[r.name]} ({seeds[method[r.name]]} seed{'s' if seeds[method[r.name]] > 1 else ''})",
         xlabel="distillation wall time (s)", ylabel="student top-1 on the test split (%)")
     png = out / f"laptop_{part}_curves.png"
