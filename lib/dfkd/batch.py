@@ -729,9 +729,7 @@ def run_batch(manifest_path: str | Path, *, smoke: bool = False, sets=None, only
     runs_root = Path(runs_root).resolve() if runs_root else default_runs_root(smoke).resolve()
     log(f"{len(jobs)} job(s) from {manifest_path}; runs root {runs_root}; executor {executor}")
     if only:  # needed runs that this batch does not make must already be finished
-        made = {(j.stage, j.run_name) for j in jobs}
-        missing = sorted({f"{s}/{r}" for j in jobs for s, r in j.need_runs
-                          if (s, r) not in made and not is_finished(runs_root / s / r)})
+        missing = sorted({need for j in jobs for need in blocked_by(j, jobs, {}, runs_root)})
         if missing:
             raise BatchError(f"--only {only}: needed run(s) not finished under {runs_root}: "
                              f"{', '.join(missing)}; run those jobs first")

@@ -12,6 +12,7 @@ runs are missing are skipped with a message (the protocol is resumable across se
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from . import paths, report, tracking
@@ -49,12 +50,10 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     from . import figures
     runs = [tracking.Run(tracking.run_path("distill", r["run"], runs_root), write=False) for r in rows]
     method = {r["run"]: r["summary"].get("method") or r["params"].get("method") or r["run"] for r in rows}
-    seeds: dict[str, int] = {}
-    for m in method.values():
-        seeds[m] = seeds.get(m, 0) + 1
+    seeds = Counter(method.values())
+    label = {run: f"{m} ({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for run, m in method.items()}
     fig = figures.curves_figure(
-        runs, y="test_top1", x="time_s", title=spec["title"],
-        group=lambda r: f"{method[r.name]} ({seeds[method[r.name]]} seed{'s' if seeds[method[r.name]] > 1 else ''})",
+        runs, y="test_top1", x="time_s", title=spec["title"], group=lambda r: label[r.name],
         xlabel="distillation wall time (s)", ylabel="student top-1 on the test split (%)")
     png = out / f"laptop_{part}_curves.png"
     fig.savefig(png, dpi=120)
