@@ -301,3 +301,95 @@ def test_class_coverage_terms_enter_the_generator_loss():
     assert "oh" not in o0 and "oh" in o1
     assert torch.allclose(o1["loss"], o0["loss"] + o1["oh"] + 2.0 * o1["balance"], atol=1e-5)
     assert tiny_cfg().g_oh == 0.0 and tiny_cfg().g_balance == 0.0
+
+
+def test_adversarial_weight_scales_the_kl_in_eq10():
+    """g_adv (1 = Eq. 10 as printed) multiplies the adversarial -L_KD of the generator's loss."""
+    losses = {}
+    for w in (1.0, 3.0):
+        m = build("dfkd_fgvc", g_adv=w)
+        torch.manual_seed(5)
+        with m.generator_phase():
+            losses[w] = m.generator_step()
+    for w, o in losses.items():
+        assert torch.allclose(o["loss"], m.cfg.alpha * o["bn"] - w * o["kd"], atol=1e-5)
+    assert float(losses[1.0]["kd"].detach()) > 0 and tiny_cfg().g_adv == 1.0
+
+
+def test_generator_reinit_every_n_iterations():
+    """g_reinit_every=N: the first generator step of iterations N, 2N, ... starts from fresh weights
+    (those a new generator gets from the same RNG state) with an empty Adam state; other
+    iterations and the second step of the same iteration keep training the same generator."""
+    m = build("dfkd_fgvc", g_reinit_every=2, g_steps=2)
+
+    def weights():
+        return torch.cat([p.detach().flatten().clone() for p in m.generator.parameters()])
+    m.iteration()                                        # iteration 0: no re-initialisation
+    m.iteration()                                        # iteration 1: none either
+    trained = weights()
+    assert len(m.g_opt.state) > 0
+    assert m.counters["iterations"] == 2
+    torch.manual_seed(11)
+    m.maybe_reinit_generator()                           # iteration 2: fresh weights, Adam forgets
+    torch.manual_seed(11)
+    want = torch.cat([p.detach().flatten() for p in m.build_generator().parameters()])
+    assert torch.equal(weights(), want) and not torch.equal(trained, want)
+    assert len(m.g_opt.state) == 0
+    with m.generator_phase():
+        m.generator_step()                               # trains on; no second reset in iteration 2
+    after = weights()
+    assert not torch.equal(after, want)
+    m.maybe_reinit_generator()
+    assert torch.equal(weights(), after)
+    m.counters["iterations"] = 3
+    m.maybe_reinit_generator()                           # 3 is not a multiple of 2
+    assert torch.equal(weights(), after)
+    off = build("dfkd_fgvc", g_steps=2)
+    off.counters["iterations"] = 2
+    before = torch.cat([p.detach().flatten().clone() for p in off.generator.parameters()])
+    off.maybe_reinit_generator()
+    assert torch.equal(before, torch.cat([p.detach().flatten() for p in off.generator.parameters()]))
+    with pytest.raises(ConfigError, match="g_reinit_every"):
+        DistillConfig(g_reinit_every=-1)
+
+
+def test_momentum_bn_prior_in_dfkd_fgvc():
+    """bn_momentum m > 0 (Fast's momentum prior, off by default): the first generator step is Eq. 3
+    (empty memory), from the second on the BN term compares the running statistics with the
+    memory-mixed statistics, and the memory survives a checkpoint."""
+    runs = {}
+    for m_ in (0.0, 0.5):
+        m = build("dfkd_fgvc", bn_momentum=m_)
+        torch.manual_seed(5)
+        with m.generator_phase():
+            runs[m_] = [m.generator_step()["bn"].detach() for _ in range(2)], m
+    (plain, m0), (mom, m5) = runs[0.0], runs[0.5]
+    assert torch.allclose(plain[0], mom[0]) and not torch.allclose(plain[1], mom[1])
+    n_bn = sum(isinstance(x, nn.BatchNorm2d) for x in m5.teacher.modules())
+    assert len(m5.bn_memory) == n_bn and m0.bn_memory == {} and "bn_memory" not in m0.extra_state()
+    state = m5.extra_state()
+    twin = build("dfkd_fgvc", bn_momentum=0.5)
+    twin.load_extra_state(state)
+    assert all(torch.equal(twin.bn_memory[i][0], m5.bn_memory[i][0]) for i in m5.bn_memory)
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        DistillConfig(bn_momentum=1.0)
+
+
+def test_rrc_flip_crops_between_the_teacher_crop_areas():
+    """replay_aug='rrc_flip': a random resized crop of 35-100 % of the area (the teachers' training
+    crop), resized back to S and flipped at random: a constant image stays constant, a horizontal
+    ramp keeps a span between the narrowest crop's width and the whole image's."""
+    s = 32
+    torch.manual_seed(0)
+    const = torch.full((16, 3, s, s), 0.3)
+    assert torch.allclose(augment(const, "rrc_flip"), const, atol=1e-5)
+    ramp = torch.linspace(-1, 1, s)[None, None, None, :].expand(64, 3, s, s).contiguous()
+    out = augment(ramp, "rrc_flip")
+    assert out.shape == ramp.shape
+    span = (out[:, 0, s // 2, -1] - out[:, 0, s // 2, 0]).abs()        # flip-invariant
+    full = float(ramp[0, 0, 0, -1] - ramp[0, 0, 0, 0])
+    narrowest = (replay_mod.RRC_SCALE[0] * 3 / 4) ** 0.5                   # smallest crop width / S
+    assert span.max() <= full + 1e-4 and span.min() >= narrowest * full * 0.9
+    assert span.std() > 0.05                                            # crops differ per sample
+    flipped = out[:, 0, s // 2, -1] < out[:, 0, s // 2, 0]
+    assert 0 < int(flipped.sum()) < 64                                  # and so do the flips

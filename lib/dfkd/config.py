@@ -128,6 +128,9 @@ class DistillConfig(DataConfig):
     replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
+    g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
+    bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
+    g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
     # --- evaluation / logging / speed ---
     test_batch_size: int = 128
     max_eval_batches: int = 0          # 0 = the whole test split
@@ -313,7 +316,7 @@ def validate(cfg) -> None:
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),
         "replay": ("off", "pool"),
-        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix"),
+        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "rrc_flip"),
     }
     for name, allowed in choices.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
@@ -332,6 +335,12 @@ def validate(cfg) -> None:
                           f"student's lr up under s_lr_schedule='onecycle'), got {cfg.s_warmup}")
     if hasattr(cfg, "replay_extra") and cfg.replay_extra < 0:
         raise ConfigError(f"replay_extra must be >= 0 (extra pool batches per generator step), got {cfg.replay_extra}")
+    if hasattr(cfg, "bn_momentum") and not 0.0 <= cfg.bn_momentum < 1.0:
+        raise ConfigError(f"bn_momentum must lie in [0, 1) (the memory's share in the BN prior; 0 = Eq. 3), "
+                          f"got {cfg.bn_momentum}")
+    if hasattr(cfg, "g_reinit_every") and cfg.g_reinit_every < 0:
+        raise ConfigError(f"g_reinit_every must be >= 0 (iterations between generator re-initialisations; "
+                          f"0 = never), got {cfg.g_reinit_every}")
     if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
         raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
     for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from .dist import rank_rows
 
 REPLAY_MODES = ("off", "pool")
-AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix")
+AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "rrc_flip")
+# rrc_flip: the area range of the teachers' training crop (docs/decisions.md#data, D1)
+RRC_SCALE = (0.35, 1.0)
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +57,26 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     out = xp.gather(2, idx_r)
     idx_c = cols[:, None, None, :].expand(b, x.shape[1], h, w)
     return out.gather(3, idx_c)
+
+
+def random_resized_crop(x: torch.Tensor, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Differentiable per-sample RandomResizedCrop + horizontal flip back to (S, S) (CMI's local
+    view; kornia's ``RandomResizedCrop(scale=[0.25, 1])`` in the original), via ``roi_align``.
+    Data parallel: the crop parameters are this rank's rows of the global batch's draw."""
+    from torchvision.ops import roi_align
+    b, _, h, w = x.shape
+    dev = x.device
+    lo, hi = float(torch.log(torch.tensor(ratio[0]))), float(torch.log(torch.tensor(ratio[1])))
+    area = rank_rows(lambda m: torch.empty(m, device=dev).uniform_(*scale), b)
+    logr = rank_rows(lambda m: torch.empty(m, device=dev).uniform_(lo, hi), b)
+    r = torch.exp(logr)
+    cw = (torch.sqrt(area * r) * w).clamp(2.0, w)
+    ch = (torch.sqrt(area / r) * h).clamp(2.0, h)
+    x0 = rank_rows(lambda m: torch.rand(m, device=dev), b) * (w - cw)
+    y0 = rank_rows(lambda m: torch.rand(m, device=dev), b) * (h - ch)
+    boxes = torch.stack([torch.arange(b, device=dev, dtype=x0.dtype), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return random_flip(out.to(x.dtype))
 
 
 def mixup(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -87,12 +109,16 @@ def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
     ``none``: x unchanged; ``flip``: random horizontal flip; ``crop_flip``: random crop with
     S/8 px reflect padding (4 px at 32 px, as the CIFAR recipes), then flip; ``crop_flip_mixup`` /
     ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch (data parallel:
-    within this rank's rows, so equal to one process in distribution only; see decisions.md#speed).
+    within this rank's rows, so equal to one process in distribution only; see decisions.md#speed);
+    ``rrc_flip``: :func:`random_resized_crop` over ``RRC_SCALE`` of the area (the crop the teachers
+    were trained with), then flip.
     """
     if mode == "none":
         return x
     if mode == "flip":
         return random_flip(x)
+    if mode == "rrc_flip":
+        return random_resized_crop(x, scale=RRC_SCALE)
     if mode.startswith("crop_flip"):
         x = random_flip(random_crop(x, max(1, x.shape[-1] // 8)))
         if mode == "crop_flip_mixup":

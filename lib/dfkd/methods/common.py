@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..generator import DCGANGenerator, from_teacher_input, to_teacher_input
 from ..losses import bn_prior, kd_loss
-from ..replay import random_flip  # noqa: F401  (re-exported: the pool-based baselines flip with it)
+from ..replay import random_flip, random_resized_crop  # noqa: F401  (re-exported: the pool-based baselines use them)
 from .base import DistillMethod
 
 # Pool capacity (images) when a pooled method's ``pool_size`` option is 0 (zskd, adi, cmi). 2048
@@ -65,26 +65,6 @@ def clip_to_image(x: torch.Tensor, output_map: str) -> torch.Tensor:
     """Project teacher-space images onto the valid pixel range ([0, 1] before normalisation), as
     DeepInversion's ``clip`` does after every step. Not differentiable (use on ``.data``)."""
     return to_teacher_input(from_teacher_input(x, output_map) * 2.0 - 1.0, output_map)
-
-
-def random_resized_crop(x: torch.Tensor, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Differentiable per-sample RandomResizedCrop + horizontal flip back to (S, S) (CMI's local
-    view; kornia's ``RandomResizedCrop(scale=[0.25, 1])`` in the original), via ``roi_align``.
-    Data parallel: the crop parameters are this rank's rows of the global batch's draw."""
-    from torchvision.ops import roi_align
-    b, _, h, w = x.shape
-    dev = x.device
-    lo, hi = float(torch.log(torch.tensor(ratio[0]))), float(torch.log(torch.tensor(ratio[1])))
-    area = dist.rank_rows(lambda m: torch.empty(m, device=dev).uniform_(*scale), b)
-    logr = dist.rank_rows(lambda m: torch.empty(m, device=dev).uniform_(lo, hi), b)
-    r = torch.exp(logr)
-    cw = (torch.sqrt(area * r) * w).clamp(2.0, w)
-    ch = (torch.sqrt(area / r) * h).clamp(2.0, h)
-    x0 = dist.rank_rows(lambda m: torch.rand(m, device=dev), b) * (w - cw)
-    y0 = dist.rank_rows(lambda m: torch.rand(m, device=dev), b) * (h - ch)
-    boxes = torch.stack([torch.arange(b, device=dev, dtype=x0.dtype), x0, y0, x0 + cw, y0 + ch], 1)
-    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    return random_flip(out.to(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------

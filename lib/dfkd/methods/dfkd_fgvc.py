@@ -58,10 +58,10 @@ class DFKDFGVC(DistillMethod):
 
     def build(self) -> None:
         cfg, t, s = self.cfg, self.teacher, self.student
-        self.generator = AttentionGenerator(
-            nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, lam=cfg.lam,
-            sam_reduction=cfg.sam_reduction, sam_softmax=cfg.sam_softmax,
-            deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0)
+        self.generator = self.build_generator()
+        self._reinit_done = -1   # the iteration whose re-initialisation ran (g_reinit_every)
+        # bn_momentum > 0: per-layer (mean, var) memory of the generated batches (Fast's momentum prior)
+        self.bn_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mhad_mode = resolve_mhad_mode(cfg, t, s)
         if cfg.use_mhad:
             if self.mhad_mode == "stages":
@@ -88,6 +88,13 @@ class DFKDFGVC(DistillMethod):
                                        else nn.Linear(s.feature_dim, t.feature_dim))
             self.projection = ProjectionHead(t.feature_dim, cfg.sfcl_dim)
 
+    def build_generator(self) -> AttentionGenerator:
+        cfg = self.cfg
+        return AttentionGenerator(
+            nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, lam=cfg.lam,
+            sam_reduction=cfg.sam_reduction, sam_softmax=cfg.sam_softmax,
+            deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0)
+
     def trainable_student_modules(self) -> list[nn.Module]:
         mods = [self.student]
         for name in ("adapters", "mhas", "student_to_teacher", "projection"):
@@ -96,12 +103,34 @@ class DFKDFGVC(DistillMethod):
         return mods
 
     # ------------------------------------------------------------------ Eq. 10
+    def maybe_reinit_generator(self) -> None:
+        """``g_reinit_every`` N > 0: at the first generator step of every N-th iteration after the
+        first, the generator gets fresh weights and its Adam forgets its moments, so the pool holds
+        the images of several generators instead of one trajectory (docs/decisions.md#synthesis).
+        Keyed on the iteration counter, which the checkpoint holds, so a resumed run re-initialises
+        at the same iterations."""
+        n, it = self.cfg.g_reinit_every, self.counters["iterations"]
+        if n <= 0 or it == 0 or it % n or self._reinit_done == it:
+            return
+        self._reinit_done = it
+        fresh = self.build_generator().to(self.device)
+        with torch.no_grad():
+            for p, q in zip(self.generator.parameters(), fresh.parameters()):
+                p.copy_(q)
+            for b, c in zip(self.generator.buffers(), fresh.buffers()):
+                b.copy_(c)
+        self.g_opt.state.clear()
+        if self.world_size > 1:
+            dist.broadcast_module(self.generator)
+
     def generator_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        self.maybe_reinit_generator()
         self.generator.train()
         with self.autocast():
             x = self.generate(cfg.batch_size)
-            with bn_prior(self.teacher, reduce=self.stat_reduce) as bn:
+            with bn_prior(self.teacher, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
+                          memory=self.bn_memory) as bn:
                 t_logits = self.teacher_forward(x)
             s_logits = self.student(x)
             l_bn = bn.loss()
@@ -110,12 +139,14 @@ class DFKDFGVC(DistillMethod):
             if cfg.use_bn:
                 loss = loss + cfg.alpha * l_bn
             if cfg.use_adv:
-                loss = loss - l_kd
+                loss = loss - cfg.g_adv * l_kd
             out = {}
             if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
                 out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
                 loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
         self.optimize(self.g_opt, loss)
+        if cfg.bn_momentum > 0:
+            bn.update_memory()
         if self.replay is not None:   # every synthesised batch joins the pool (CMI, Fast)
             self.replay.add(x)
             # replay_extra: more samples of the just-updated generator at new noise, without a
@@ -164,9 +195,16 @@ class DFKDFGVC(DistillMethod):
         return self.train_student_on(x)
 
     def extra_state(self) -> dict:
-        return {"replay": self.replay.state()} if self.replay is not None else {}
+        out = {"replay": self.replay.state()} if self.replay is not None else {}
+        if self.cfg.bn_momentum > 0:
+            out["bn_memory"] = {i: (m.cpu().clone(), v.cpu().clone()) for i, (m, v) in self.bn_memory.items()}
+        return out
 
     def load_extra_state(self, state: dict) -> None:
+        if self.cfg.bn_momentum > 0:
+            self.bn_memory.clear()
+            self.bn_memory.update({int(i): (m.to(self.device), v.to(self.device))
+                                   for i, (m, v) in state.get("bn_memory", {}).items()})
         if self.replay is not None:
             if "replay" not in state:
                 raise ValueError("this checkpoint has no replay pool (it was written with replay='off'); "
