@@ -178,6 +178,18 @@ class BNPrior:
         return total
 
 
+def bn_memory_state(memory: dict) -> dict:
+    """A momentum BN prior's ``memory`` (layer -> (mean, var)) as CPU copies, for a checkpoint."""
+    return {i: (m.cpu().clone(), v.cpu().clone()) for i, (m, v) in memory.items()}
+
+
+def load_bn_memory(memory: dict, saved: dict, device) -> None:
+    """Replace ``memory``'s contents (in place: a method's BNPrior keeps the same dict) with a
+    checkpoint's :func:`bn_memory_state`, moved to ``device``."""
+    memory.clear()
+    memory.update({int(i): (m.to(device), v.to(device)) for i, (m, v) in saved.items()})
+
+
 def bn_prior(model: nn.Module, first_bn_multiplier: float = 1.0, *,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
              momentum: float = 0.0, memory: dict | None = None) -> BNPrior:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from .. import dist
 from ..generator import AttentionGenerator
-from ..losses import ProjectionHead, bn_prior, build_mhad, class_coverage_terms, kd_loss, mhad_loss, sfcl_loss
+from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, class_coverage_terms, kd_loss,
+                      load_bn_memory, mhad_loss, sfcl_loss)
 from ..replay import Replay
 from .base import DistillMethod
 
@@ -113,12 +114,7 @@ class DFKDFGVC(DistillMethod):
         if n <= 0 or it == 0 or it % n or self._reinit_done == it:
             return
         self._reinit_done = it
-        fresh = self.build_generator().to(self.device)
-        with torch.no_grad():
-            for p, q in zip(self.generator.parameters(), fresh.parameters()):
-                p.copy_(q)
-            for b, c in zip(self.generator.buffers(), fresh.buffers()):
-                b.copy_(c)
+        self.generator.load_state_dict(self.build_generator().state_dict())
         self.g_opt.state.clear()
         if self.world_size > 1:
             dist.broadcast_module(self.generator)
@@ -197,14 +193,12 @@ class DFKDFGVC(DistillMethod):
     def extra_state(self) -> dict:
         out = {"replay": self.replay.state()} if self.replay is not None else {}
         if self.cfg.bn_momentum > 0:
-            out["bn_memory"] = {i: (m.cpu().clone(), v.cpu().clone()) for i, (m, v) in self.bn_memory.items()}
+            out["bn_memory"] = bn_memory_state(self.bn_memory)
         return out
 
     def load_extra_state(self, state: dict) -> None:
         if self.cfg.bn_momentum > 0:
-            self.bn_memory.clear()
-            self.bn_memory.update({int(i): (m.to(self.device), v.to(self.device))
-                                   for i, (m, v) in state.get("bn_memory", {}).items()})
+            load_bn_memory(self.bn_memory, state.get("bn_memory", {}), self.device)
         if self.replay is not None:
             if "replay" not in state:
                 raise ValueError("this checkpoint has no replay pool (it was written with replay='off'); "

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist
-from ..losses import bn_prior, kd_loss
+from ..losses import bn_memory_state, bn_prior, kd_loss, load_bn_memory
 from ..options import option
 from ..replay import Replay, augment
 from .base import make_optimizer
@@ -211,11 +211,9 @@ class Fast(GeneratorBaseline):
         if self._round is not None:
             raise RuntimeError("fast: checkpoint requested inside a synthesis round")
         return {"replay": self.replay.state(),
-                "bn_memory": {i: (m.cpu().clone(), v.cpu().clone()) for i, (m, v) in self.bn_memory.items()}}
+                "bn_memory": bn_memory_state(self.bn_memory)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.replay.load(state["replay"])
-        self.bn_memory.clear()
-        self.bn_memory.update({int(i): (m.to(self.device), v.to(self.device))
-                               for i, (m, v) in state["bn_memory"].items()})
+        load_bn_memory(self.bn_memory, state["bn_memory"], self.device)
 
