@@ -119,3 +119,15 @@ def test_manifests_are_found_from_another_cwd(tmp_path, monkeypatch):
     assert manifests and all((ROOT / "notebooks" / nb).is_file() for nb in STAGE_NOTEBOOKS)
     for manifest in manifests:
         assert batch.resolve_jobs(manifest), manifest
+
+
+def test_a_config_built_directly_is_type_checked():
+    """DistillConfig(...) itself (not only collect / --set) rejects a mistyped value: the string
+    'false' for a bool would otherwise read as true and run the term it meant to switch off."""
+    from dfkd.config import ConfigError as Err, DistillConfig as DC, TeacherConfig as TC
+    with pytest.raises(Err, match="use_adv"):
+        DC(use_adv="false")
+    with pytest.raises(Err, match="epochs"):
+        TC(epochs="3")
+    cfg = DC(lr_s=1)
+    assert cfg.lr_s == 1.0 and isinstance(cfg.lr_s, float)

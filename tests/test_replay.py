@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dfkd.replay as replay_mod
 from dfkd import tracking
@@ -393,3 +394,102 @@ def test_rrc_flip_crops_between_the_teacher_crop_areas():
     assert span.std() > 0.05                                            # crops differ per sample
     flipped = out[:, 0, s // 2, -1] < out[:, 0, s // 2, 0]
     assert 0 < int(flipped.sum()) < 64                                  # and so do the flips
+
+
+# ------------------------------------------------------------------ class-conditional generator
+def test_conditional_generator_uses_its_labels():
+    """num_classes > 0: the label embedding is added to the noise, so one z gives another image for
+    another label; y defaults to arange(B) % K; an unconditional generator refuses labels."""
+    from dfkd.generator import AttentionGenerator
+    torch.manual_seed(0)
+    g = AttentionGenerator(nz=16, img_size=32, ngf=4, block_norm="bn", num_classes=3).eval()
+    z = torch.randn(4, 16)
+    a, b = g(z, torch.tensor([0, 0, 0, 0])), g(z, torch.tensor([1, 1, 1, 1]))
+    assert not torch.allclose(a, b)
+    assert torch.allclose(g(z), g(z, torch.tensor([0, 1, 2, 0])))
+    shift = g.embed.weight[1] - g.embed.weight[0]     # label 1 = label 0 with the noise moved
+    assert torch.allclose(b, g(z + shift.detach(), torch.tensor([0, 0, 0, 0])), atol=1e-5)
+    plain = AttentionGenerator(nz=16, img_size=32, ngf=4, num_classes=0)
+    assert plain.embed is None
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(z, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n", [4, 6, 14])
+def test_conditional_targets_are_class_balanced(n):
+    """Targets come as fresh permutations of the K (= 6) classes: a batch of at most K holds
+    distinct classes, a larger one every class within one count of the others."""
+    m = build("dfkd_fgvc", g_conditional=True, batch_size=n)
+    for _ in range(3):
+        y = m.sample_targets(n)
+        counts = torch.bincount(y, minlength=m.num_classes)
+        assert y.shape == (n,) and counts.max() - counts.min() <= 1
+        if n <= m.num_classes:
+            assert y.unique().numel() == n
+
+
+def test_conditional_ce_enters_the_generator_loss():
+    """g_conditional: Eq. 10 gains g_ce x CE(teacher(G(z, y)), y) with y the batch's drawn targets;
+    the term is recomputed here from the teacher's logits on the same images."""
+    seen = {}
+    m = build("dfkd_fgvc", g_conditional=True, g_ce=2.0)
+    hook = m.teacher.register_forward_hook(lambda mod, i, o: seen.setdefault("t", o.detach().clone()))
+    torch.manual_seed(5)
+    with m.generator_phase():
+        o = m.generator_step()
+    hook.remove()
+    ce = F.cross_entropy(seen["t"].float(), m.targets)
+    assert torch.allclose(o["ce"], ce, atol=1e-5)
+    assert torch.allclose(o["loss"], m.cfg.alpha * o["bn"] - o["kd"] + 2.0 * ce, atol=1e-5)
+    assert tiny_cfg().g_conditional is False and "ce" not in build("dfkd_fgvc").generator_step()
+
+
+def test_conditional_generator_learns_its_targets():
+    """Generator steps on the CE term alone lower the teacher's cross-entropy to the drawn targets
+    on a fixed noise batch (the term pulls towards, not away from, the labels)."""
+    m = build("dfkd_fgvc", g_conditional=True, g_ce=1.0, use_bn=False, use_adv=False, lr_g=0.01,
+              batch_size=12)
+    torch.manual_seed(1)
+    z = m.sample_z(12)
+    y = torch.arange(12) % m.num_classes
+
+    def target_ce():
+        with torch.no_grad():
+            return F.cross_entropy(m.teacher(m.to_input(m.generator(z, y))), y).item()
+    before = target_ce()
+    with m.generator_phase():
+        for _ in range(5):
+            m.generator_step()
+    assert target_ce() < before
+
+
+def test_conditional_config_rejects_negative_ce_weight():
+    with pytest.raises(ConfigError, match="g_ce"):
+        tiny_cfg(g_conditional=True, g_ce=-1.0)
+
+
+def test_generator_augmentation_reaches_the_networks_not_the_pool(monkeypatch):
+    """g_aug: the teacher (and student) of Eq. 10 see augment(x, g_aug) of the generated batch x,
+    while the replay pool stores x itself; the default is 'none' (Algorithm 1 as printed)."""
+    import dfkd.methods.dfkd_fgvc as mod
+    modes = []
+
+    def marked(x, mode):
+        modes.append(mode)
+        return x.flip(-1)
+    monkeypatch.setattr(mod, "augment", marked)
+    m = build("dfkd_fgvc", g_aug="flip", replay="pool", replay_size=64)
+    made, seen = [], []
+    generate = m.generate
+    m.generate = lambda n, z=None: made.append(generate(n, z)) or made[-1]
+    hook = m.teacher.register_forward_pre_hook(lambda mod_, inp: seen.append(inp[0].detach().clone()))
+    with m.generator_phase():
+        m.generator_step()
+    hook.remove()
+    x = made[0].detach()
+    assert modes == ["flip"] and torch.equal(seen[0], x.flip(-1))
+    pool = m.replay.pool
+    assert torch.equal(pool.images[:x.shape[0]], pool.encode(x))
+    assert tiny_cfg().g_aug == "none"
+    with pytest.raises(ConfigError, match="g_aug"):
+        tiny_cfg(g_aug="mixup")

@@ -131,6 +131,9 @@ class DistillConfig(DataConfig):
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
     bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
     g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
+    g_conditional: bool = False        # class-conditional generator: per-sample target labels (ACGAN embedding)
+    g_ce: float = 1.0                  # with g_conditional: weight of the teacher's CE to each sample's target
+    g_aug: str = "none"                # augmentation of the generated batch inside Eq. 10 (DeepInversion's jitter + flip)
     # --- evaluation / logging / speed ---
     test_batch_size: int = 128
     max_eval_batches: int = 0          # 0 = the whole test split
@@ -302,7 +305,11 @@ def check_overrides(cls, params: Mapping[str, Any]) -> None:
 
 
 def validate(cfg) -> None:
-    """Range checks that catch typos early (names the field and the accepted values)."""
+    """Type and range checks that catch typos early (names the field and the accepted values).
+    A config built directly (``DistillConfig(use_adv="false")``, not through :func:`collect`) gets
+    the same type check; an int given for a float field is stored as a float."""
+    for name, typ in field_types(type(cfg)).items():
+        object.__setattr__(cfg, name, _check_type(name, getattr(cfg, name), typ))
     choices = {
         "sam_softmax": ("spatial", "spatial_scaled", "channel"),
         "block_norm": ("none", "bn"),
@@ -317,6 +324,7 @@ def validate(cfg) -> None:
         "gpu_preload": ("auto", "on", "off"),
         "replay": ("off", "pool"),
         "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "rrc_flip"),
+        "g_aug": ("none", "flip", "crop_flip", "rrc_flip"),
     }
     for name, allowed in choices.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
@@ -338,6 +346,9 @@ def validate(cfg) -> None:
     if hasattr(cfg, "bn_momentum") and not 0.0 <= cfg.bn_momentum < 1.0:
         raise ConfigError(f"bn_momentum must lie in [0, 1) (the memory's share in the BN prior; 0 = Eq. 3), "
                           f"got {cfg.bn_momentum}")
+    if hasattr(cfg, "g_ce") and cfg.g_ce < 0:
+        raise ConfigError(f"g_ce must be >= 0 (weight of the per-sample target cross-entropy with "
+                          f"g_conditional), got {cfg.g_ce}")
     if hasattr(cfg, "g_reinit_every") and cfg.g_reinit_every < 0:
         raise ConfigError(f"g_reinit_every must be >= 0 (iterations between generator re-initialisations; "
                           f"0 = never), got {cfg.g_reinit_every}")

@@ -72,6 +72,13 @@ class AttentionGenerator(nn.Module):
         deconv_kernel: 3 (Table 6) or 4 (DCGAN ``GeneratorB``).
         block_norm: ``none`` (Table 6: SN + LReLU only) or ``bn`` (BatchNorm after each deconv).
         use_sam: False drops the SAMs entirely (plain SN-DCGAN; ``sams`` is then empty).
+        num_classes: K > 0 makes the generator class-conditional (not in the paper; the
+            ``g_conditional`` option, docs/decisions.md#synthesis): a learned label embedding
+            ``embed`` (K, nz) is added to the noise before the FC layer, so the label moves the mean of
+            the FC output (a product with the noise, ACGAN's form, carries the label only in the
+            noise's variance, which the linear FC cannot read; docs/decisions.md), and
+            ``forward(z, y)`` takes the labels y (B,) (default ``arange(B) % K``, one image per class
+            in turn, for sample grids).
 
     Forward: z (B, nz) float -> image (B, 3, S, S) in [-1, 1]. ``forward(z, return_attention=True)``
     returns ``(image, [w_1, ..., w_4])`` with each block's SAM softmax weights (B, C_b, H_b, W_b)
@@ -81,13 +88,15 @@ class AttentionGenerator(nn.Module):
 
     def __init__(self, nz: int = 256, img_size: int = 224, ngf: int = 64, *, lam: float = 0.05,
                  sam_reduction: int = 4, sam_softmax: str = "spatial", deconv_kernel: int = 3,
-                 block_norm: str = "none", use_sam: bool = True):
+                 block_norm: str = "none", use_sam: bool = True, num_classes: int = 0):
         super().__init__()
         if block_norm not in ("none", "bn"):
             raise ValueError(f"block_norm={block_norm!r} is not one of ('none', 'bn')")
         self.nz, self.img_size, self.ngf = nz, img_size, ngf
         self.init_size = s0 = _check_size(img_size)
         widths = [8 * ngf, 4 * ngf, 2 * ngf, ngf, ngf]
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, nz) if num_classes > 0 else None
         self.fc = nn.Linear(nz, widths[0] * s0 * s0)                      # FC
         self.bn0 = nn.BatchNorm2d(widths[0])                              # Reshape, BN
         blocks = []
@@ -108,7 +117,13 @@ class AttentionGenerator(nn.Module):
         for block in self.blocks:
             spectral_norm(block[0], name="weight", dim=1)
 
-    def forward(self, z: torch.Tensor, return_attention: bool = False):
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, return_attention: bool = False):
+        if self.embed is not None:
+            if y is None:
+                y = torch.arange(z.shape[0], device=z.device) % self.num_classes
+            z = z + self.embed(y).to(z.dtype)
+        elif y is not None:
+            raise ValueError("labels y were given to an unconditional generator (num_classes=0)")
         x = self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size)
         x = self.bn0(x)
         maps = []

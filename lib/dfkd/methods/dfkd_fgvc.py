@@ -11,14 +11,17 @@ a config field (Tables 4-5, Fig. 7). Design choices where the paper is silent ar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import dist
 from ..generator import AttentionGenerator
 from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, class_coverage_terms, kd_loss,
                       load_bn_memory, mhad_loss, sfcl_loss)
-from ..replay import Replay
+from ..replay import Replay, augment
 from .base import DistillMethod
 
 
@@ -61,6 +64,7 @@ class DFKDFGVC(DistillMethod):
         cfg, t, s = self.cfg, self.teacher, self.student
         self.generator = self.build_generator()
         self._reinit_done = -1   # the iteration whose re-initialisation ran (g_reinit_every)
+        self.targets: torch.Tensor | None = None   # g_conditional: the labels of the last generated batch
         # bn_momentum > 0: per-layer (mean, var) memory of the generated batches (Fast's momentum prior)
         self.bn_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mhad_mode = resolve_mhad_mode(cfg, t, s)
@@ -94,7 +98,28 @@ class DFKDFGVC(DistillMethod):
         return AttentionGenerator(
             nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, lam=cfg.lam,
             sam_reduction=cfg.sam_reduction, sam_softmax=cfg.sam_softmax,
-            deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0)
+            deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0,
+            num_classes=self.num_classes if cfg.g_conditional else 0)
+
+    def sample_targets(self, n: int) -> torch.Tensor:
+        """``g_conditional``: n labels (n,) for this rank, class-balanced over the global batch: the
+        concatenation of fresh permutations of the K classes, cut to ``n * world_size`` rows (so a
+        batch smaller than K holds distinct classes, a larger one every class about equally often).
+        Drawn from the global RNG like :meth:`sample_z`, so every rank draws the same and keeps its
+        rows."""
+        k, total = self.num_classes, n * self.world_size
+        y = torch.cat([torch.randperm(k) for _ in range(math.ceil(total / k))])[:total].to(self.device)
+        return y[self.rank * n:(self.rank + 1) * n]
+
+    def generate(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`DistillMethod.generate`; with ``g_conditional`` the batch is drawn for
+        class-balanced target labels, kept in ``self.targets`` for the generator's CE term."""
+        if not self.cfg.g_conditional:
+            return super().generate(n, z)
+        z = self.sample_z(n) if z is None else z
+        self.targets = self.sample_targets(z.shape[0])
+        self.counters["images_generated"] += int(z.shape[0])
+        return self.to_input(self.generator(z, self.targets))
 
     def trainable_student_modules(self) -> list[nn.Module]:
         mods = [self.student]
@@ -125,10 +150,13 @@ class DFKDFGVC(DistillMethod):
         self.generator.train()
         with self.autocast():
             x = self.generate(cfg.batch_size)
+            # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
+            # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
+            xa = augment(x, cfg.g_aug)
             with bn_prior(self.teacher, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
                           memory=self.bn_memory) as bn:
-                t_logits = self.teacher_forward(x)
-            s_logits = self.student(x)
+                t_logits = self.teacher_forward(xa)
+            s_logits = self.student(xa)
             l_bn = bn.loss()
             l_kd = kd_loss(s_logits, t_logits, T=cfg.kd_T, direction=cfg.kd_direction)
             loss = x.new_zeros((), dtype=torch.float32)
@@ -140,6 +168,9 @@ class DFKDFGVC(DistillMethod):
             if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
                 out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
                 loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
+            if cfg.g_conditional:   # per-sample targets (DeepInversion's, Fast's, NAYER's CE term)
+                out["ce"] = F.cross_entropy(t_logits.float(), self.targets)
+                loss = loss + cfg.g_ce * out["ce"]
         self.optimize(self.g_opt, loss)
         if cfg.bn_momentum > 0:
             bn.update_memory()
