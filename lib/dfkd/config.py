@@ -131,7 +131,7 @@ class DistillConfig(DataConfig):
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
     bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
     g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
-    g_conditional: bool = False        # class-conditional generator: per-sample target labels (ACGAN embedding)
+    g_conditional: bool = False        # class-conditional generator: per-sample target labels (label embedding added to the noise)
     g_ce: float = 1.0                  # with g_conditional: weight of the teacher's CE to each sample's target
     g_aug: str = "none"                # augmentation of the generated batch inside Eq. 10 (DeepInversion's jitter + flip)
     # --- evaluation / logging / speed ---
