@@ -69,6 +69,33 @@ def test_fresh_share_and_empty_pool():
     assert calls[-1] == 2 and (out[:, 0, 0, 0] > 0).sum() == 2
 
 
+def test_recent_share_draws_from_the_newest_window_only():
+    """replay_recent r, window w: round(n * r) rows of each student batch come from the w newest
+    pool images (uniformly), the rest from the whole pool; wrap-around of the ring is respected."""
+    rp = Replay(48, "raw_tanh", "cpu", aug="none", recent=0.5, window=8)
+    x = torch.linspace(-1, 1, 64)[:, None, None, None].expand(64, 3, 4, 4).contiguous()
+    rp.add(x[:40])
+    rp.add(x[40:])                          # wraps: the pool holds x[16:64], newest x[56:64]
+    torch.manual_seed(0)
+    draws = torch.cat([rp.batch(16, fresh_images=None) for _ in range(300)])
+    idx = (draws[:, 0, 0, 0][:, None] - x[None, :, 0, 0, 0]).abs().argmin(1).view(300, 16)
+    assert idx.min() >= 16                                    # never an overwritten image
+    recent_rows, rest = idx[:, :8], idx[:, 8:]                 # the recent share comes first
+    assert recent_rows.min() >= 56                             # only the 8 newest
+    assert torch.bincount(recent_rows.flatten() - 56, minlength=8).min() > 0   # all 8 drawn
+    assert (rest < 56).float().mean() > 0.7                    # the rest: the whole pool (40 of 48 older)
+    with pytest.raises(ValueError, match="replay_recent"):
+        Replay(8, "raw_tanh", "cpu", fresh=0.6, recent=0.5)
+
+
+def test_recent_window_defaults_to_one_iteration_of_generator_batches():
+    m = build("dfkd_fgvc", replay="pool", replay_size=256, replay_recent=0.5, g_steps=3)
+    assert m.replay.recent == 0.5 and m.replay.window == 3 * m.cfg.batch_size
+    m = build("dfkd_fgvc", replay="pool", replay_size=256, replay_recent=0.5, replay_recent_window=7)
+    assert m.replay.window == 7
+    assert build("dfkd_fgvc", replay="pool", replay_size=256).replay.recent == 0.0   # off by default
+
+
 def test_random_crop_is_a_shifted_window():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     torch.manual_seed(0)
@@ -89,7 +116,9 @@ def test_config_rejects_bad_replay_values():
     for bad, key in ((dict(replay="bank"), "replay"), (dict(replay_fresh=1.5), "replay_fresh"),
                      (dict(replay_aug="mixup"), "replay_aug"),
                      (dict(method="fast", method_options={"meta": "maml"}), "'meta'.*'fast'"),
-                     (dict(replay_size=0), "replay_size"), (dict(replay_extra=-1), "replay_extra")):
+                     (dict(replay_size=0), "replay_size"), (dict(replay_extra=-1), "replay_extra"),
+                     (dict(replay_recent=0.8, replay_fresh=0.3), "replay_recent"),
+                     (dict(replay_recent_window=-1), "replay_recent_window")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
 

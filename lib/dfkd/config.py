@@ -126,6 +126,8 @@ class DistillConfig(DataConfig):
     replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix]: pool samples only
     replay_fresh: float = 0.0          # share of each student batch straight from the generator
     replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
+    replay_recent: float = 0.0         # share of each student batch drawn from the pool's newest images
+    replay_recent_window: int = 0      # how many newest images that share draws from (0: one iteration's, g_steps x batch)
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
@@ -338,6 +340,12 @@ def validate(cfg) -> None:
         raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
     if hasattr(cfg, "replay_fresh") and not 0.0 <= cfg.replay_fresh <= 1.0:
         raise ConfigError(f"replay_fresh must lie in [0, 1] (a share of the student batch), got {cfg.replay_fresh}")
+    if hasattr(cfg, "replay_recent") and not 0.0 <= cfg.replay_recent <= 1.0 - cfg.replay_fresh:
+        raise ConfigError(f"replay_recent must lie in [0, 1 - replay_fresh] (a share of the student batch; "
+                          f"replay_fresh is {cfg.replay_fresh}), got {cfg.replay_recent}")
+    if hasattr(cfg, "replay_recent_window") and cfg.replay_recent_window < 0:
+        raise ConfigError(f"replay_recent_window must be >= 0 (images; 0 = one iteration's generator batches), "
+                          f"got {cfg.replay_recent_window}")
     if hasattr(cfg, "s_warmup") and not 0.0 < cfg.s_warmup < 1.0:
         raise ConfigError(f"s_warmup must lie in (0, 1) (the share of the iterations that warms the "
                           f"student's lr up under s_lr_schedule='onecycle'), got {cfg.s_warmup}")

@@ -17,7 +17,8 @@ it (the paper's own method uses it when ``replay='pool'``; docs/decisions.md#syn
 Options (fields of :class:`~dfkd.config.DistillConfig`):
 ``replay`` (``off`` = Algorithm 1 as printed | ``pool``), ``replay_size`` (images kept),
 ``replay_aug`` (augmentation of pool samples), ``replay_fresh`` (share of each student batch that
-comes straight from the generator instead of the pool).
+comes straight from the generator instead of the pool), ``replay_recent`` / ``replay_recent_window``
+(share of each student batch drawn from the pool's newest images only).
 """
 from __future__ import annotations
 
@@ -140,16 +141,26 @@ class Replay:
         aug: augmentation of pool samples (``replay_aug``).
         fresh: share in [0, 1] of each student batch taken from the generator's current output
             rather than the pool (``replay_fresh``).
+        recent: share in [0, 1 - fresh] of each student batch drawn uniformly from the ``window``
+            newest pool images instead of the whole pool (``replay_recent``). Uniform draws from a
+            keep-all pool see an image added late in a run less than once (decisions.md#synthesis).
+        window: the number of newest images ``recent`` draws from (``replay_recent_window``).
     """
 
-    def __init__(self, capacity: int, output_map: str, device, *, aug: str = "crop_flip", fresh: float = 0.0):
+    def __init__(self, capacity: int, output_map: str, device, *, aug: str = "crop_flip", fresh: float = 0.0,
+                 recent: float = 0.0, window: int = 1):
         from .methods.common import ImagePool   # the uint8 FIFO the pool-based baselines use
         if aug not in AUGMENTATIONS:
             raise ValueError(f"replay_aug={aug!r} is not one of {AUGMENTATIONS}")
         if not 0.0 <= fresh <= 1.0:
             raise ValueError(f"replay_fresh must lie in [0, 1], got {fresh}")
+        if not 0.0 <= recent <= 1.0 - fresh:
+            raise ValueError(f"replay_recent must lie in [0, 1 - replay_fresh], got {recent} (fresh {fresh})")
+        if window < 1:
+            raise ValueError(f"the recent window must hold >= 1 image, got {window}")
         self.pool = ImagePool(capacity, output_map, device)
         self.aug, self.fresh = aug, float(fresh)
+        self.recent, self.window = float(recent), int(window)
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -159,14 +170,19 @@ class Replay:
         self.pool.add(x.detach())
 
     def batch(self, n: int, fresh_images) -> torch.Tensor:
-        """n student images: ``round(n * fresh)`` from ``fresh_images(k)`` (the generator now), the
-        rest drawn uniformly from the pool, all augmented. An empty pool gives fresh images only."""
+        """n student images: ``round(n * fresh)`` from ``fresh_images(k)`` (the generator now),
+        ``round(n * recent)`` drawn uniformly from the ``window`` newest pool images, the rest drawn
+        uniformly from the whole pool, all augmented. An empty pool gives fresh images only."""
         k = n if len(self.pool) == 0 else int(round(n * self.fresh))
+        r = 0 if len(self.pool) == 0 else min(n - k, int(round(n * self.recent)))
         parts = []
         if k > 0:
             parts.append(fresh_images(k))
-        if n - k > 0:
-            parts.append(self.pool.sample(n - k).to(parts[0].dtype if parts else torch.float32))
+        dtype = parts[0].dtype if parts else torch.float32
+        if r > 0:
+            parts.append(self.pool.sample_recent(r, self.window).to(dtype))
+        if n - k - r > 0:
+            parts.append(self.pool.sample(n - k - r).to(dtype))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return augment(x, self.aug)
 

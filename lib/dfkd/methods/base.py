@@ -220,11 +220,16 @@ class DistillMethod(nn.Module):
         x = to_teacher_input(x_tanh, self.cfg.output_map)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def generator_inputs(self, z: torch.Tensor) -> tuple:
+        """Extra positional inputs of the generator for the noise batch z (default: none). The one
+        override point of :meth:`generate`: a class-conditional method returns its target labels."""
+        return ()
+
     def generate(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
         """(n, 3, S, S) teacher-space images from the generator (with grad)."""
         z = self.sample_z(n) if z is None else z
         self.counters["images_generated"] += int(z.shape[0])
-        return self.to_input(self.generator(z))
+        return self.to_input(self.generator(z, *self.generator_inputs(z)))
 
     @torch.no_grad()
     def synthesize(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:

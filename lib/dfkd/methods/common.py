@@ -182,6 +182,16 @@ class ImagePool:
         idx = dist.rank_rows(lambda m: torch.randint(0, self.size, (m,), device=self.device), n)
         return self.decode(self.images[idx])
 
+    def sample_recent(self, n: int, window: int) -> torch.Tensor:
+        """(n, 3, S, S) teacher-space images drawn uniformly with replacement from the ``window``
+        most recently added ones (all of them when the pool holds fewer); data parallel as
+        :meth:`sample`."""
+        if self.size == 0:
+            raise RuntimeError("the image pool is empty")
+        w = max(1, min(int(window), self.size))
+        k = dist.rank_rows(lambda m: torch.randint(0, w, (m,), device=self.device), n)
+        return self.decode(self.images[(self.ptr - 1 - k) % self.capacity])
+
     def latest(self, n: int) -> torch.Tensor:
         """The n most recently added images (repeated when the pool holds fewer), no RNG used."""
         if self.size == 0:

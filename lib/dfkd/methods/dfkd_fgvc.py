@@ -84,8 +84,11 @@ class DFKDFGVC(DistillMethod):
             self.adapters, self.mhas = adapters, mhas
             self.teacher_mhas = teacher_mhas
         # replay pool (dfkd.replay, docs/decisions.md#synthesis): off = Algorithm 1 as printed
+        # replay_recent_window 0: the images of one iteration's generator steps (global batch)
+        window = cfg.replay_recent_window or cfg.g_steps * cfg.batch_size * self.world_size
         self.replay = (Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
-                              aug=cfg.replay_aug, fresh=cfg.replay_fresh) if cfg.replay == "pool" else None)
+                              aug=cfg.replay_aug, fresh=cfg.replay_fresh, recent=cfg.replay_recent,
+                              window=max(1, window)) if cfg.replay == "pool" else None)
         if cfg.use_sfcl:
             # one projection shared by both networks (a common space, Sec. 4.3); a linear map first
             # brings a student of another width to the teacher's
@@ -111,15 +114,13 @@ class DFKDFGVC(DistillMethod):
         y = torch.cat([torch.randperm(k) for _ in range(math.ceil(total / k))])[:total].to(self.device)
         return y[self.rank * n:(self.rank + 1) * n]
 
-    def generate(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
-        """As :meth:`DistillMethod.generate`; with ``g_conditional`` the batch is drawn for
-        class-balanced target labels, kept in ``self.targets`` for the generator's CE term."""
+    def generator_inputs(self, z: torch.Tensor) -> tuple:
+        """With ``g_conditional``: class-balanced target labels for the batch z, kept in
+        ``self.targets`` for the generator's CE term; otherwise none (the paper's generator)."""
         if not self.cfg.g_conditional:
-            return super().generate(n, z)
-        z = self.sample_z(n) if z is None else z
+            return ()
         self.targets = self.sample_targets(z.shape[0])
-        self.counters["images_generated"] += int(z.shape[0])
-        return self.to_input(self.generator(z, self.targets))
+        return (self.targets,)
 
     def trainable_student_modules(self) -> list[nn.Module]:
         mods = [self.student]
