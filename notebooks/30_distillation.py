@@ -39,7 +39,7 @@ image_size: int = 32                      # px; the paper uses 224
 toy_test_per_class: int = 100             # embedded set only: 1,000 test images, as notebook 10
 student_arch: str = 'resnet_tiny_s'       # a key of dfkd.models.MODELS
 # --- schedule (Algorithm 1): epochs x iters_per_epoch iterations of g_steps G + s_steps S steps
-epochs: int = 6                           # x iters_per_epoch: the iterations the student's cosine runs over
+epochs: int = 9                           # x iters_per_epoch: the iterations the student's cosine runs over
 iters_per_epoch: int = 10                 # the student is evaluated on the real test split after each epoch
 g_steps: int = 10                         # t: generator steps per iteration
 s_steps: int = 25                         # k: student steps per iteration
@@ -56,12 +56,13 @@ alpha: float = 3.0                        # BN prior weight (paper: 0.3)
 beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 1.0                        # SFCL weight (Eq. 11; paper: 8, which swamps KD at this budget)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
-replay_size: int = 20000                  # images kept in the pool (60 x 10 x 32 = 19,200: keep all)
+replay_size: int = 30000                  # images kept in the pool (90 x 10 x 32 = 28,800: keep all)
 g_oh: float = 1.0                         # generator: confident teacher predictions (DFQ's L_oh; paper: 0)
 g_balance: float = 5.0                    # generator: balanced classes per batch (DFQ; paper: 0)
 # --- machine
 seed: int = 0
 device: str = 'auto'                      # auto | cpu | cuda | cuda:N
+amp: str = 'native'                       # native: bf16 where the GPU or CPU has it (1.45x here) | auto | bf16 | off
 num_workers: int = 0                      # data-loader processes (0: in the kernel, fastest for toy_fgvc)
 
 # %%

@@ -1,9 +1,9 @@
 """The fast path computes the same losses as the plain fp32 reference, and ``dfkd.bench`` runs.
 
-CPU only (tiny models at 32 px). On CPU the fast path is bf16 autocast (channels_last and fused
-optimisers are CUDA-only), so fast vs reference is compared at bf16 tolerance; the structural parts
-of the fast path (channels_last tensors, foreach optimisers) are checked in fp32 at tight tolerance
-by forcing them on CPU.
+CPU only (tiny models at 32 px). On CPU the fast path is bf16 autocast with channels_last networks
+(fused optimisers are CUDA-only), so fast vs reference is compared at bf16 tolerance; the structural
+parts of the fast path (channels_last tensors, foreach optimisers) are checked in fp32 at tight
+tolerance by forcing them on CPU.
 """
 from __future__ import annotations
 

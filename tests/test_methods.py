@@ -349,3 +349,32 @@ def test_bf16_autocast_iteration_runs_and_stays_finite(name):
     m = build(name, amp="bf16")
     losses = m.iteration()
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cpu_fast_path_bf16_channels_last_iteration_runs(name):
+    """The CPU fast path (bf16 autocast + channels_last networks, MHAD's modules left NCHW) runs a
+    whole iteration of every method with finite fp32 losses."""
+    m = build(name, amp="bf16", channels_last=True)
+    assert m.channels_last
+    losses = m.iteration()
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in losses.values()), losses
+
+
+def test_amp_native_and_channels_last_policy_on_cpu(monkeypatch):
+    """amp 'native' is bf16 exactly when the CPU has bf16 instructions; channels_last applies on a
+    CPU only under bf16, and dfkd_fgvc's MHAD modules then stay NCHW while the networks go NHWC."""
+    import dfkd.methods.base as base_mod
+    for has in (True, False):
+        monkeypatch.setattr(base_mod, "cpu_has_native_bf16", lambda has=has: has)
+        m = build("dfkd_fgvc", amp="native", channels_last=True)
+        assert m.amp_dtype == (torch.bfloat16 if has else None)
+        assert m.channels_last is has
+    assert build("dfkd_fgvc", amp="auto", channels_last=True).amp_dtype is None   # auto: fp32 on a CPU
+    assert not build("dfkd_fgvc", amp="off", channels_last=True).channels_last
+    m = build("dfkd_fgvc", amp="bf16", channels_last=True)
+    conv = next(c for c in m.student.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    for adapter, mha in zip(m.adapters, m.mhas):   # NCHW in, NCHW out (an NHWC weight makes NHWC)
+        x = torch.randn(2, adapter.in_channels, 4, 4)
+        assert adapter(x).is_contiguous() and mha(torch.randn(2, mha.channels, 4, 4)).is_contiguous()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import dfkd.replay as replay_mod
 from dfkd import tracking
 from dfkd.config import ConfigError, DistillConfig
-from dfkd.losses import bn_prior
+from dfkd.losses import bn_prior, shifted_moments
 from dfkd.methods.fast import meta_gradients
 from dfkd.replay import Replay, augment, random_crop
 from dfkd.train import distill
@@ -264,6 +264,48 @@ def test_one_pass_bn_statistics_equal_two_pass():
     assert len(got) == 2
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_shifted_moments_value_and_gradient_against_autograd(layout):
+    """The fused moments (one autograd node, CL inputs reduced as their (N H W, C) view) give the
+    same E[x - s], E[(x - s)^2] and the same input gradient as the plain formula under autograd."""
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, 6, 7) * 2 + 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    shift = torch.randn(4)
+    got = shifted_moments(x, shift)
+    d = x - shift[None, :, None, None]
+    want = torch.stack([d.mean((0, 2, 3)), (d * d).mean((0, 2, 3))])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn(2, 4)
+    g_got, = torch.autograd.grad((got * w).sum(), x)
+    g_want, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-7)
+
+
+def test_bn_prior_on_channels_last_equals_nchw_with_gradients():
+    """The BN prior reads a channels_last activation through its NHWC view: the same terms and the
+    same gradient into the input as the NCHW activation, and a bf16 input gives fp32 terms."""
+    net = _bn_net()
+    x = torch.randn(6, 3, 9, 9) * 3 + 1
+    out = []
+    for mf in (torch.contiguous_format, torch.channels_last):
+        net_l = copy.deepcopy(net).to(memory_format=mf)
+        xi = x.clone().contiguous(memory_format=mf).requires_grad_(True)
+        with bn_prior(net_l) as bn:
+            net_l(xi)
+        loss = bn.loss()
+        g, = torch.autograd.grad(loss, xi)
+        out.append((bn.per_layer(), g))
+    for a, b in zip(out[0][0], out[1][0]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), bn_prior(copy.deepcopy(net)) as bn:
+        bn.model(x)
+    assert all(t.dtype == torch.float32 for t in bn.per_layer())
 
 
 def test_momentum_bn_prior_by_hand():

@@ -21,7 +21,7 @@ k = 15 student steps (Eq. 11) per iteration: SAM generator, BN prior, KL, MHAD a
 
 Two variants of the same math are built from the same seed and timed one after the other:
 
-- ``fast``: bf16 autocast, channels_last (CUDA), fused/foreach optimisers (CUDA), optional
+- ``fast``: bf16 autocast, channels_last (CUDA, and a CPU under bf16), fused/foreach optimisers (CUDA), optional
   ``torch.compile`` (``--compile``), ``cudnn.benchmark`` on CUDA;
 - ``reference``: fp32 eager, contiguous (NCHW) tensors, single-tensor optimiser loops.
 
@@ -78,7 +78,7 @@ def build_method(settings: dict[str, Any], device: str | torch.device, variant: 
                  compile: bool = False, seed: int = 0, **cfg_overrides):
     """A ``dfkd_fgvc`` method with a random-init teacher for ``settings`` (see :data:`PRESETS`).
 
-    ``variant="fast"``: amp bf16, channels_last (applied on CUDA only), fused/foreach optimisers
+    ``variant="fast"``: amp bf16, channels_last (CUDA, and a CPU under bf16), fused/foreach optimisers
     (CUDA), ``compile`` as given. ``variant="reference"``: amp off, channels_last off, plain
     single-tensor optimisers, no compile. The same ``seed`` gives the same initial weights.
     ``cfg_overrides`` go to :class:`~dfkd.config.DistillConfig` (they win over the variant).

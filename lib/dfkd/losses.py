@@ -57,6 +57,43 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 # ------------------------------------------------------------------------------------------------
 # Eq. 3: BatchNorm statistics prior
 # ------------------------------------------------------------------------------------------------
+class _ShiftedMoments(torch.autograd.Function):
+    """Per-channel (E[d], E[d^2]) of d = x - shift over every axis but ``cdim``, in fp32.
+
+    One autograd node instead of the half-dozen element-wise ones that ``mean`` and ``(d * d).mean``
+    record: the backward is one fused ``g_m / n + d * (2 g_sq / n)`` pass over the activations, cast
+    back to x's dtype. On a CPU the BN prior's element-wise passes (not its reductions) are most of its
+    cost, since every pass over a (B, C, H, W) activation is memory-bound (docs/decisions.md#speed).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, cdim: int):
+        view = [1] * x.dim()
+        view[cdim] = -1
+        d = x.float() - shift.float().view(view)
+        dims = [k for k in range(x.dim()) if k != cdim]
+        ctx.save_for_backward(d)
+        ctx.meta = (x.dtype, view, dims, d.numel() // d.shape[cdim])
+        return torch.stack([d.mean(dim=dims), (d * d).mean(dim=dims)])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        dtype, view, dims, n = ctx.meta
+        gm, gsq = (g / n).unbind(0)
+        gx = torch.addcmul(gm.view(view), d, (2 * gsq).view(view))
+        return gx.to(dtype), None, None
+
+
+def shifted_moments(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(2, C) fp32: per-channel E[x - shift] and E[(x - shift)^2] over all axes but the channel axis
+    1 of x (B, C, ...), differentiable in x. A channels_last (B, C, H, W) x is reduced as its
+    contiguous (B H W, C) view: the same numbers, without a strided reduction."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return _ShiftedMoments.apply(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), shift, 1)
+    return _ShiftedMoments.apply(x, shift, 1)
+
+
 class BNPrior:
     """Context manager that hooks every BatchNorm{1,2,3}d of ``model`` (Eq. 3).
 
@@ -86,7 +123,8 @@ class BNPrior:
             batch alone; :meth:`update_memory` then folds the batch in (detached). m = 0: Eq. 3.
 
     The batch mean and biased variance come from one pass over the activations
-    (``torch.var_mean``), equal to the two-pass ``mean`` / ``var`` up to rounding.
+    (:func:`shifted_moments`: E[d] and E[d^2] of d = x - running_mean, then var = E[d^2] - E[d]^2),
+    equal to the two-pass ``mean`` / ``var`` up to rounding.
     """
 
     def __init__(self, model: nn.Module, first_bn_multiplier: float = 1.0, *,
@@ -106,15 +144,16 @@ class BNPrior:
     def _hook(self, index: int):
         def hook(module, inputs, output):
             x = inputs[0]
-            dims = [d for d in range(x.dim()) if d != 1]          # all but the channel axis
             with torch.autocast(device_type=x.device.type, enabled=False):
-                x = x.float()
-                if self.reduce is None:                           # one pass; BN uses the biased var
-                    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-                else:                                             # global batch over ranks
-                    mean = x.mean(dim=dims)
-                    mean, sq = self.reduce(torch.stack([mean, (x * x).mean(dim=dims)])).unbind(0)
-                    var = (sq - mean * mean).clamp_min(0)
+                # one pass: the batch mean and E[d^2] of d = x - running_mean; shifting by the stored
+                # mean (near the batch's) keeps E[d^2] - E[d]^2 free of cancellation. BN's biased var.
+                shift = module.running_mean.detach().float()
+                stats = shifted_moments(x, shift)
+                if self.reduce is not None:                       # global batch over ranks
+                    stats = self.reduce(stats)
+                mean_d, sq = stats.unbind(0)
+                mean = mean_d + shift
+                var = (sq - mean_d * mean_d).clamp_min(0)
                 self._stats[index] = (mean.detach(), var.detach())
                 if self.momentum > 0 and index in self.memory:    # Fast's momentum prior
                     m_mean, m_var = self.memory[index]
@@ -274,6 +313,9 @@ def mhad_loss(teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[tor
     for m in range(n):
         ft = teacher_feats[m].detach()
         fs = adapters[m](student_feats[m])
+        # NCHW for the MHA (a no-op unless the networks run channels_last): its element-wise passes
+        # over (B, R, C, H, W) stacks are several times slower on NHWC strides (docs/decisions.md#speed)
+        ft, fs = ft.contiguous(), fs.contiguous()
         if fs.shape[-2:] != ft.shape[-2:]:
             fs = F.interpolate(fs, size=ft.shape[-2:], mode="bilinear", align_corners=False)
         t_mha = teacher_mhas[m] if mode == "separate" else mhas[m]

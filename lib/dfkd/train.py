@@ -71,7 +71,9 @@ def _progress(iterable, enabled: bool, **kw):
 
 
 def _autocast(device: torch.device, amp: str):
-    dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and device.type == "cuda")) else None
+    # "native" (the distillation steps' CPU bf16, dfkd.methods.base) reads as "auto" here: teacher
+    # training and evaluation stay fp32 on a CPU
+    dtype = torch.bfloat16 if (amp == "bf16" or (amp in ("auto", "native") and device.type == "cuda")) else None
     if dtype is None:
         import contextlib
         return contextlib.nullcontext()

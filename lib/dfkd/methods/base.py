@@ -5,8 +5,9 @@ heads, attention modules, both optimisers, their schedules and counters); the fr
 held but never checkpointed. ``generator_step`` and ``student_step`` are the two override points;
 ``iteration`` is Algorithm 1: ``g_steps`` generator steps, then ``s_steps`` student steps.
 
-Fast path (CUDA): bf16 autocast, channels_last, no host synchronisation inside an iteration
-(losses stay tensors; the caller syncs every ``log_every`` iterations), student weight gradients
+Fast path (CUDA; on a CPU the first two with ``amp: native`` or ``bf16``): bf16 autocast,
+channels_last, no host synchronisation inside an iteration (losses stay tensors; the caller syncs
+every ``log_every`` iterations), student weight gradients
 off during generator steps, teacher gradients never, fused optimisers (foreach where fused is
 unavailable), opt-in ``torch.compile`` of the forward passes (``cfg.compile``). Measured by
 ``python -m dfkd.bench``; see ``docs/decisions.md#speed``.
@@ -33,6 +34,20 @@ if TYPE_CHECKING:   # dfkd.config imports this registry lazily; the methods neve
 
 COUNTERS = ("iterations", "g_steps", "s_steps", "images_generated", "images_consumed", "teacher_forwards")
 IMAGE_COUNTERS = ("images_generated", "images_consumed", "teacher_forwards")   # per rank under DDP
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo),
+    where bf16 autocast speeds the loop up; elsewhere it is emulated and slower (``amp: native``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -83,6 +98,7 @@ class DistillMethod(nn.Module):
     Options = NoOptions    # the method's own hyper-parameters (dfkd.options; docs/methods.md)
     uses_generator = True  # False for input-optimisation methods (ZSKD, ADI)
     optim_impl = "auto"    # make_optimizer(impl=...); the bench's fp32 reference sets "plain"
+    nchw_modules: tuple[str, ...] = ()   # submodules kept in NCHW when the networks go channels_last
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig, *,
                  num_classes: int, image_size: int, device: torch.device | str = "cpu"):
@@ -106,7 +122,10 @@ class DistillMethod(nn.Module):
         teacher.eval()
         set_requires_grad(teacher, False)
         self.amp_dtype = self._amp_dtype(cfg.amp, self.device)
-        self.channels_last = bool(cfg.channels_last and self.device.type == "cuda")
+        # channels_last on a CPU only under bf16 autocast: with AVX512-BF16 / AMX the oneDNN bf16
+        # convolutions are about twice as fast in NHWC (docs/decisions.md, 'The CPU fast path')
+        self.channels_last = bool(cfg.channels_last and (self.device.type == "cuda"
+                                                         or self.amp_dtype == torch.bfloat16))
         self.g_opt: torch.optim.Optimizer | None = None
         self.s_opt: torch.optim.Optimizer | None = None
         self.s_sched = None
@@ -118,6 +137,9 @@ class DistillMethod(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
             teacher.to(memory_format=torch.channels_last)
+            for name in self.nchw_modules:    # modules whose element-wise work is faster in NCHW
+                if getattr(self, name, None) is not None:
+                    getattr(self, name).to(memory_format=torch.contiguous_format)
         self.configure_optimizers()   # make_optimizer: gradients averaged over ranks at each step
         if self.world_size > 1:        # identical start on every rank
             dist.broadcast_module(self)
@@ -194,9 +216,9 @@ class DistillMethod(nn.Module):
     def _amp_dtype(amp: str, device: torch.device):
         if amp == "off":
             return None
-        if amp == "bf16":
+        if amp == "bf16" or device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if device.type == "cuda" else None  # auto
+        return torch.bfloat16 if amp == "native" and cpu_has_native_bf16() else None  # auto: off on a CPU
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -59,6 +59,9 @@ class DFKDFGVC(DistillMethod):
     """The paper's method (Algorithm 1)."""
 
     name = "dfkd_fgvc"
+    # MHAD's route products, sigmoids and route mean are element-wise passes over (B, R, C, H, W)
+    # stacks, several times slower on NHWC strides on a CPU: mhad_loss feeds them NCHW features
+    nchw_modules = ("adapters", "mhas", "teacher_mhas")
 
     def build(self) -> None:
         cfg, t, s = self.cfg, self.teacher, self.student
