@@ -73,13 +73,13 @@ class _ShiftedMoments(torch.autograd.Function):
         d = x.float() - shift.float().view(view)
         dims = [k for k in range(x.dim()) if k != cdim]
         ctx.save_for_backward(d)
-        ctx.meta = (x.dtype, view, dims, d.numel() // d.shape[cdim])
+        ctx.meta = (x.dtype, view, d.numel() // d.shape[cdim])
         return torch.stack([d.mean(dim=dims), (d * d).mean(dim=dims)])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (d,) = ctx.saved_tensors
-        dtype, view, dims, n = ctx.meta
+        dtype, view, n = ctx.meta
         gm, gsq = (g / n).unbind(0)
         gx = torch.addcmul(gm.view(view), d, (2 * gsq).view(view))
         return gx.to(dtype), None, None
