@@ -261,10 +261,10 @@ def test_generated_slurm_parameters_for_gpus_and_a_dependency(tmp_path, monkeypa
         batch.resolve_jobs(root / "batches" / "b.yaml", root=root)
 
 
-def test_torchrun_jobs_are_launched_with_dfkd_dist(tmp_path):
+def test_torchrun_jobs_are_launched_with_dfkd_launch(tmp_path):
     root = _project(tmp_path, "jobs:\n" + _job("a", "a") + "    torchrun: 4\n")
     (job,) = batch.resolve_jobs(root / "batches" / "b.yaml", root=root)
     cmd = batch.torchrun_command(job, tmp_path / "p.yaml", tmp_path / "runs")
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
-    assert cmd[6:8] == ["dfkd.dist", "teacher"]
+    assert cmd[6:8] == ["dfkd.launch", "teacher"]
     assert executors.gpus_wanted(job) == 4 and executors.slurm_parameters(job)["gpus_per_node"] == 4

@@ -202,11 +202,11 @@ def test_batch_accepts_config_fields_outside_the_short_cell_and_names_old_keys(t
 
 
 def test_torchrun_entry_point_names_old_keys_of_a_params_file(tmp_path, capsys):
-    from dfkd import dist
+    from dfkd import launch
     p = tmp_path / "old.yaml"
     p.write_text("method: cmi\ncmi_tau: 0.2\n")
     with pytest.raises(SystemExit):
-        dist.main(["distill", "--params", str(p), "--runs-dir", str(tmp_path / "runs")])
+        launch.main(["distill", "--params", str(p), "--runs-dir", str(tmp_path / "runs")])
     assert "'cmi_tau' is now a method option" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 

@@ -19,7 +19,7 @@ Manifest (``docs/decisions.md#batch`` has the full schema)::
         needs: [other_job, "teacher/{teacher_run}"]  # job names, or stage/run folders
         timeout: 3600                      # optional, seconds per cell
         resources: {gpus: 1, cpus: 8, time: "4:00:00", mem: 32G, partition: gpu}  # optional
-        torchrun: 4                        # optional: run with torchrun -m dfkd.dist, 4 processes
+        torchrun: 4                        # optional: run with torchrun -m dfkd.launch, 4 processes
 
 Layering (later wins): notebook defaults < params/base.yaml < job files < ``set`` < grid values
 < params/smoke.yaml (``--smoke``) < ``--set``. ``run_name`` is always injected from ``run``
@@ -244,7 +244,7 @@ class ResolvedJob:
     root: Path = field(default_factory=paths.project_root)
     naming: dict[str, Any] = field(default_factory=dict)  # values for run/needs templates (pre-smoke)
     resources: dict[str, Any] = field(default_factory=dict)  # partition/gpus/cpus/time/mem/account
-    torchrun: int | None = None     # processes per node under torchrun (-m dfkd.dist); None: papermill
+    torchrun: int | None = None     # processes per node under torchrun (-m dfkd.launch); None: papermill
 
     def run_dir(self, runs_root: str | Path | None = None) -> Path:
         return paths.runs_dir(runs_root) / self.stage / self.run_name
@@ -293,7 +293,7 @@ def load_manifest(path: str | Path) -> list[Job]:
         if torchrun is not None and (not isinstance(torchrun, int) or isinstance(torchrun, bool)
                                      or torchrun < 1 or raw["stage"] not in ("teacher", "distill")):
             raise BatchError(f"{where} ({name}): `torchrun` is a number of processes (>= 1), for "
-                             "teacher or distill jobs only (they run `torchrun -m dfkd.dist`)")
+                             "teacher or distill jobs only (they run `torchrun -m dfkd.launch`)")
         jobs.append(Job(name=name, notebook=raw["notebook"], stage=raw["stage"],
                         run=str(raw.get("run") or name), params=list(params),
                         set=dict(raw.get("set") or {}), grid=grid,
@@ -615,7 +615,7 @@ def _run_locked(job: ResolvedJob, run_dir: Path, runs_root: Path, *, force: bool
     error = None
     if job.torchrun:
         log(f"  {job.name}: {'resuming' if resumed else 'running'} torchrun x{job.torchrun} "
-            f"-m dfkd.dist {job.stage} -> {run_dir}")
+            f"-m dfkd.launch {job.stage} -> {run_dir}")
         error = _run_torchrun(job, run_dir, runs_root, env)
     else:
         log(f"  {job.name}: {'resuming' if resumed else 'running'} {job.notebook.name} -> {run_dir}")
@@ -647,9 +647,9 @@ def _run_locked(job: ResolvedJob, run_dir: Path, runs_root: Path, *, force: bool
 
 
 def torchrun_command(job: ResolvedJob, params_file: Path, runs_root: Path) -> list[str]:
-    """The command of a ``torchrun:`` job: one node, ``job.torchrun`` processes, ``dfkd.dist``."""
+    """The command of a ``torchrun:`` job: one node, ``job.torchrun`` processes, ``dfkd.launch``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={job.torchrun}", "-m", "dfkd.dist", job.stage,
+            f"--nproc_per_node={job.torchrun}", "-m", "dfkd.launch", job.stage,
             "--params", str(params_file), "--runs-dir", str(runs_root), "--no-progress"]
 
 
@@ -697,7 +697,7 @@ def _describe(job: ResolvedJob, runs_root: Path) -> str:
     if job.resources:
         lines.append(f"    resources: {', '.join(f'{k}={v}' for k, v in job.resources.items())}")
     if job.torchrun:
-        lines.append(f"    torchrun: {job.torchrun} processes (-m dfkd.dist {job.stage})")
+        lines.append(f"    torchrun: {job.torchrun} processes (-m dfkd.launch {job.stage})")
     width = max((len(k) for k in job.params), default=0)
     lines += [f"      {k:<{width}} = {v!r:<24} # {job.sources[k]}" for k, v in job.params.items()]
     return "\n".join(lines)

@@ -2,12 +2,14 @@
 
 Usage (one node, 8 GPUs; every rank runs the same loop on its share of the global batch)::
 
-    torchrun --nproc_per_node 8 -m dfkd.dist teacher --params params/base.yaml \\
+    torchrun --nproc_per_node 8 -m dfkd.launch teacher --params params/base.yaml \\
         --params params/paper/teacher.yaml --set run_name=resnet34_cub200_ddp dataset=cub200
-    torchrun --nproc_per_node 8 -m dfkd.dist distill --params params/base.yaml \\
+    torchrun --nproc_per_node 8 -m dfkd.launch distill --params params/base.yaml \\
         --params params/paper/distill.yaml --set run_name=dfkd_cub200_ddp teacher_run=resnet34_cub200_ddp
 
-Without torchrun (no ``WORLD_SIZE`` in the environment) every helper is a no-op and the code runs
+(the entry point is :mod:`dfkd.launch`, which imports the training loops; this module imports none
+of them, so ``dfkd.methods`` can import it without a cycle). Without torchrun (no ``WORLD_SIZE`` in
+the environment) every helper is a no-op and the code runs
 single-process exactly as before.
 
 Design (``docs/decisions.md#speed``):
@@ -34,9 +36,7 @@ Design (``docs/decisions.md#speed``):
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -433,51 +433,3 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if not is_main():
         set_rng_state(rng)
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# command line (under torchrun)
-# --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc_per_node N -m dfkd.dist {teacher,distill} [--params Y.yaml ...] [--set k=v ...]``."""
-    ap = argparse.ArgumentParser(prog="python -m dfkd.dist", description=main.__doc__)
-    ap.add_argument("stage", choices=("teacher", "distill"))
-    ap.add_argument("--params", action="append", default=[], metavar="YAML",
-                    help="parameter files, later ones win (e.g. params/base.yaml params/paper/x.yaml)")
-    ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--runs-dir", default=None, help="runs root (default: $DFKD_RUNS or <project>/runs)")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-
-    from . import config, tracking, train
-    from .batch import load_yaml, parse_sets
-    cls = config.TeacherConfig if args.stage == "teacher" else config.DistillConfig
-    values: dict[str, Any] = {}
-    for p in args.params:
-        values.update(load_yaml(p) or {})
-    sets = parse_sets(args.sets)
-    known = config.field_types(cls)
-    unknown = sorted(set(sets) - set(known))
-    if unknown:
-        ap.error(f"--set: unknown parameter(s) {unknown} for {cls.__name__}")
-    values.update(sets)   # keys of the YAML files that other stages declare are ignored
-    moved = [m for k in values if k not in known and (m := config.moved_parameter(k))] if args.stage == "distill" else []
-    if moved:   # a pre-method_options name (cmi_tau, pool_size, ...) would be ignored silently
-        ap.error("; ".join(moved))
-    cfg = config.collect(cls, {}, **{k: v for k, v in values.items() if k in known})
-    init_distributed()
-    try:
-        run = tracking.start_run(args.stage, cfg.run_name, cfg, runs_root=args.runs_dir, device=cfg.device,
-                                 write=is_main())
-        barrier()   # rank 0 has checked/written params.yaml before anyone reads the folder
-        fn = train.train_teacher if args.stage == "teacher" else train.distill
-        summary = fn(cfg, run, progress=is_main() and not args.no_progress)
-        if is_main():
-            print({k: v for k, v in summary.items() if not isinstance(v, dict)}, flush=True)
-    finally:
-        cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@
 
 Every executor runs a job through the same function, :func:`dfkd.batch.run_job`, which holds the
 run folder's lock (:mod:`dfkd.runlock`) and runs the notebook (papermill) or, for a ``torchrun:``
-job, ``torchrun -m dfkd.dist``. So a job is launched the same way wherever it runs.
+job, ``torchrun -m dfkd.launch``. So a job is launched the same way wherever it runs.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ well as the best). Both loops write their run folder (``dfkd.tracking``) and res
 ``state/last.pt`` after a kill: re-running the same call continues where the last state was
 written and ends with the same weights as an uninterrupted run.
 
-Under ``torchrun`` (``python -m dfkd.dist``) both loops are data parallel: ``batch_size`` is the
+Under ``torchrun`` (``python -m dfkd.launch``) both loops are data parallel: ``batch_size`` is the
 global batch split over the ranks, gradients are averaged, BatchNorm statistics are global, rank 0
 alone evaluates and writes the run folder, and every rank reads the resume state.
 """
