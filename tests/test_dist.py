@@ -79,6 +79,18 @@ def test_helpers_are_no_ops_in_one_process():
     assert dist.init_distributed() is False          # no WORLD_SIZE: nothing to join
 
 
+def test_dist_imports_no_training_code():
+    """The methods import dfkd.dist; dfkd.dist imports nothing of the package that imports them
+    (not even inside a function), so there is no import cycle: the torchrun entry is dfkd.launch."""
+    import ast
+    tree = ast.parse(Path(dist.__file__).read_text())
+    own = sorted({(n.module or "") + ":" + ",".join(a.name for a in n.names) for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.level > 0})
+    assert own == ["seed:rng_state,set_rng_state"], own
+    from dfkd import launch
+    assert callable(launch.main)
+
+
 def test_sfcl_with_gathered_negatives_averages_to_the_global_loss():
     """Per-rank SFCL with the global batch as candidates, averaged over ranks, is Eq. 9 on the
     global batch (simulated gather over 2 ranks), also for the symmetric variant."""
