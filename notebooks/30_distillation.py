@@ -50,13 +50,15 @@ s_lr_schedule: str = 'iter'               # student cosine stepped per iteration
 # --- generator (Table 6)
 nz: int = 64                              # noise size (paper: 256)
 ngf: int = 16                             # width (paper: 64)
+lam: float = 0.0                          # SAM weight (Eq. 6; paper 0.05): off here, 38 % of a G step for a 0.4 % change
 block_norm: str = 'bn'                    # bn (DCGAN peers; needed at this budget) | none (Table 6)
 # --- the paper's losses (Eqs. 10-11) and sample-efficient synthesis (docs/decisions.md#synthesis)
 alpha: float = 3.0                        # BN prior weight (paper: 0.3)
 beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 1.0                        # SFCL weight (Eq. 11; paper: 8, which swamps KD at this budget)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
-replay_size: int = 30000                  # images kept in the pool (90 x 10 x 32 = 28,800: keep all)
+replay_size: int = 60000                  # images kept in the pool (90 x 10 x 2 x 32 = 57,600: keep all)
+replay_extra: int = 1                     # extra no-grad generator batches per G step into the pool (paper: 0)
 g_oh: float = 1.0                         # generator: confident teacher predictions (DFQ's L_oh; paper: 0)
 g_balance: float = 5.0                    # generator: balanced classes per batch (DFQ; paper: 0)
 # --- machine

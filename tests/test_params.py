@@ -25,7 +25,8 @@ VIZ_NOTEBOOKS = ["40_ablations.py", "50_synthetic_grids.py", "51_tsne.py", "52_g
 RECIPES = {"10_teacher_pretraining.py": "params/demo/teacher.yaml",
            "20_generator_synthesis.py": "params/demo/distill.yaml",
            "30_distillation.py": "params/demo/distill.yaml"}
-NOTEBOOK_ONLY_DEFAULTS = {"20_generator_synthesis.py": {"teacher_run"}, "30_distillation.py": {"teacher_run"}}
+# notebook 20 shows the SAM maps, so it keeps the paper's lam where the demo's distillation turns SAM off
+NOTEBOOK_ONLY_DEFAULTS = {"20_generator_synthesis.py": {"teacher_run", "lam"}, "30_distillation.py": {"teacher_run"}}
 MAX_CELL_PARAMETERS = 35   # a parameters cell holds what a person sets for that notebook (issue 10)
 
 

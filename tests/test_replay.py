@@ -130,9 +130,9 @@ def test_augmentation_only_on_pool_samples(method, monkeypatch):
     calls = {"n": 0}
     real = replay_mod.augment
 
-    def counting(x, mode):
+    def counting(x, mode, *args):
         calls["n"] += 1
-        return real(x, mode)
+        return real(x, mode, *args)
     monkeypatch.setattr(replay_mod, "augment", counting)
     with m.generator_phase():
         for _ in range(m.g_steps_per_iteration()):
@@ -465,6 +465,42 @@ def test_rrc_flip_crops_between_the_teacher_crop_areas():
     assert span.std() > 0.05                                            # crops differ per sample
     flipped = out[:, 0, s // 2, -1] < out[:, 0, s // 2, 0]
     assert 0 < int(flipped.sum()) < 64                                  # and so do the flips
+
+
+@pytest.mark.parametrize("output_map", ["imagenet", "raw_tanh"])
+def test_color_jitter_by_hand(output_map):
+    """replay_aug='crop_flip_color': in pixel space, brightness, contrast around the image's mean,
+    saturation around each pixel's luma (BT.601) and a per-channel tint, every factor drawn per
+    sample, then clamped to [0, 1]; strength 0 is the identity."""
+    from dfkd.generator import from_teacher_input, to_teacher_input
+    torch.manual_seed(1)
+    p = torch.rand(4, 3, 6, 6) * 0.6 + 0.2                       # pixels well inside [0, 1]
+    x = to_teacher_input(p * 2 - 1, output_map)
+    assert torch.allclose(replay_mod.color_jitter(x, output_map, strength=0.0), x, atol=1e-5)
+    s = 0.4
+    torch.manual_seed(7)
+    y = replay_mod.color_jitter(x, output_map, strength=s)
+    torch.manual_seed(7)                                          # the same draws, by hand
+    fb, fc, fs = (1 + s * (2 * torch.rand(4, 1, 1, 1) - 1) for _ in range(3))
+    ft = 1 + s / 2 * (2 * torch.rand(4, 3, 1, 1) - 1)
+    q = p * fb
+    m = q.mean(dim=(1, 2, 3), keepdim=True)
+    q = (q - m) * fc + m
+    luma = 0.299 * q[:, :1] + 0.587 * q[:, 1:2] + 0.114 * q[:, 2:]
+    q = ((q - luma) * fs + luma) * ft
+    assert torch.allclose(from_teacher_input(y, output_map), q.clamp(0, 1), atol=1e-5)
+    assert fb.std() > 0 and not torch.allclose(y, x, atol=1e-3)   # factors differ per sample
+
+
+def test_crop_flip_color_reaches_student_batches_in_the_runs_output_space():
+    """The pool hands its output_map to the augmentation: a pool of a raw_tanh run jitters in
+    raw_tanh space (a mid-grey pool image stays inside [-1, 1] and changes colour)."""
+    pool = Replay(32, "raw_tanh", "cpu", aug="crop_flip_color")
+    pool.add(torch.zeros(8, 3, 8, 8))
+    torch.manual_seed(0)
+    out = pool.batch(8, lambda k: None)
+    assert out.shape == (8, 3, 8, 8) and out.abs().max() <= 1.0 + 1e-6
+    assert out.std(dim=(0, 2, 3)).max() > 0.01
 
 
 # ------------------------------------------------------------------ class-conditional generator

@@ -123,7 +123,7 @@ class DistillConfig(DataConfig):
     # --- sample-efficient synthesis (dfkd.replay; docs/decisions.md#synthesis); off = Algorithm 1 ---
     replay: str = "off"                # off (student on fresh generator images) | pool (replay pool)
     replay_size: int = 4096            # images kept in the replay pool (FIFO)
-    replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix]: pool samples only
+    replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix|_color] | rrc_flip: pool samples only
     replay_fresh: float = 0.0          # share of each student batch straight from the generator
     replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
     replay_recent: float = 0.0         # share of each student batch drawn from the pool's newest images
@@ -325,7 +325,7 @@ def validate(cfg) -> None:
         "schedule": ("cosine", "onecycle"),
         "gpu_preload": ("auto", "on", "off"),
         "replay": ("off", "pool"),
-        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "rrc_flip"),
+        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip"),
         "g_aug": ("none", "flip", "crop_flip", "rrc_flip"),
     }
     for name, allowed in choices.items():

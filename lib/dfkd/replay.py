@@ -12,7 +12,7 @@ it (the paper's own method uses it when ``replay='pool'``; docs/decisions.md#syn
 - :class:`Replay`: the pool (a uint8 FIFO :class:`~dfkd.methods.common.ImagePool`), the policy of
   what goes in (``add``) and what a student step gets (``batch``), and its checkpoint state.
 - :func:`augment`: the student-side augmentation of pool samples (``none`` | ``flip`` |
-  ``crop_flip``); never applied to the images the generator's losses see.
+  ``crop_flip`` and its variants); never applied to the images the generator's losses see.
 
 Options (fields of :class:`~dfkd.config.DistillConfig`):
 ``replay`` (``off`` = Algorithm 1 as printed | ``pool``), ``replay_size`` (images kept),
@@ -28,11 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from .dist import rank_rows
+from .generator import from_teacher_input, to_teacher_input
 
 REPLAY_MODES = ("off", "pool")
-AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "rrc_flip")
+AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip")
 # rrc_flip: the area range of the teachers' training crop (docs/decisions.md#data, D1)
 RRC_SCALE = (0.35, 1.0)
+# crop_flip_color: the jitter strength s (brightness, contrast, saturation from U(1 - s, 1 + s));
+# luma weights of ITU-R BT.601 (the greyscale of torchvision's rgb_to_grayscale)
+COLOR_STRENGTH = 0.4
+LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +109,36 @@ def cutmix(x: torch.Tensor) -> torch.Tensor:
     return torch.where(box[:, None], x[perm], x)
 
 
-def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, output_map: str = "imagenet", strength: float = COLOR_STRENGTH) -> torch.Tensor:
+    """Per-sample photometric jitter of teacher-space images x (B, 3, S, S), in pixel space:
+    brightness, contrast (around the image's mean) and saturation (around each pixel's luma) each
+    scaled by a factor drawn from U(1 - s, 1 + s), then a per-channel gain from U(1 - s/2, 1 + s/2)
+    that tints the image; clamped to [0, 1] and mapped back to teacher space. torchvision's
+    ``ColorJitter(s, s, s)`` draws one factor per batch and rotates hue; this draws every factor
+    per sample and tints instead of rotating (the teacher labels the result). Data parallel: the
+    factors are this rank's rows of the global batch's draw."""
+    b, dev = x.shape[0], x.device
+
+    def factor(*shape, s=strength):   # (B, *shape) from U(1 - s, 1 + s)
+        return 1.0 + s * (2.0 * rank_rows(lambda m: torch.rand(m, *shape, device=dev), b) - 1.0)
+
+    p = from_teacher_input(x.float(), output_map) * factor(1, 1, 1)              # brightness
+    mean = p.mean(dim=(1, 2, 3), keepdim=True)
+    p = (p - mean) * factor(1, 1, 1) + mean                                      # contrast
+    luma = (p * LUMA.to(dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    p = (p - luma) * factor(1, 1, 1) + luma                                      # saturation
+    p = p * factor(3, 1, 1, s=strength / 2)                                      # per-channel tint
+    return to_teacher_input(p.clamp(0.0, 1.0) * 2.0 - 1.0, output_map).to(x.dtype)
+
+
+def augment(x: torch.Tensor, mode: str, output_map: str = "imagenet") -> torch.Tensor:
     """Student-side augmentation of pool samples x (B, 3, S, S), teacher space.
 
     ``none``: x unchanged; ``flip``: random horizontal flip; ``crop_flip``: random crop with
     S/8 px reflect padding (4 px at 32 px, as the CIFAR recipes), then flip; ``crop_flip_mixup`` /
     ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch (data parallel:
     within this rank's rows, so equal to one process in distribution only; see decisions.md#speed);
+    ``crop_flip_color``: then :func:`color_jitter` in the pixel space of ``output_map`` (the run's);
     ``rrc_flip``: :func:`random_resized_crop` over ``RRC_SCALE`` of the area (the crop the teachers
     were trained with), then flip.
     """
@@ -126,6 +154,8 @@ def augment(x: torch.Tensor, mode: str) -> torch.Tensor:
             return mixup(x)
         if mode == "crop_flip_cutmix":
             return cutmix(x)
+        if mode == "crop_flip_color":
+            return color_jitter(x, output_map)
         if mode == "crop_flip":
             return x
     raise ValueError(f"replay_aug={mode!r} is not one of {AUGMENTATIONS}")
@@ -184,7 +214,7 @@ class Replay:
         if n - k - r > 0:
             parts.append(self.pool.sample(n - k - r).to(dtype))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        return augment(x, self.aug)
+        return augment(x, self.aug, self.pool.output_map)
 
     def state(self) -> dict[str, Any]:
         return self.pool.state()
