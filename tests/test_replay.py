@@ -123,6 +123,21 @@ def test_config_rejects_bad_replay_values():
             validate(DistillConfig(**bad))
 
 
+def test_config_accepts_exactly_what_the_implementing_modules_accept():
+    """config keeps its own tuples of accepted values (it imports no torch code); each must equal the
+    tuple of the module that implements the field, so a new mode is never accepted but unknown."""
+    from dfkd.attention import SAM_SOFTMAX
+    from dfkd.config import CHOICES
+    from dfkd.generator import OUTPUT_MAPS
+    from dfkd.losses import MHAD_MODES
+    assert CHOICES["replay_aug"] == replay_mod.AUGMENTATIONS
+    assert CHOICES["replay"] == replay_mod.REPLAY_MODES
+    assert CHOICES["sam_softmax"] == SAM_SOFTMAX
+    assert CHOICES["output_map"] == OUTPUT_MAPS
+    assert CHOICES["mha_mode"] == MHAD_MODES
+    assert set(CHOICES["g_aug"]) <= set(replay_mod.AUGMENTATIONS)
+
+
 # ------------------------------------------------------------------ dfkd_fgvc with a pool
 @pytest.mark.parametrize("method", ["dfkd_fgvc", "fast"])
 def test_augmentation_only_on_pool_samples(method, monkeypatch):

@@ -306,29 +306,34 @@ def check_overrides(cls, params: Mapping[str, Any]) -> None:
         check_method_options(params.get("method", field_defaults(cls)["method"]), params["method_options"])
 
 
+# the accepted values of the string fields, checked by validate(); the modules that implement them
+# keep their own tuples (config imports no torch code), and tests/test_replay.py checks that
+# the two agree where both exist
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sam_softmax": ("spatial", "spatial_scaled", "channel"),
+    "block_norm": ("none", "bn"),
+    "output_map": ("imagenet", "raw_tanh"),
+    "kd_direction": ("t_s", "s_t"),
+    "mha_mode": ("frozen", "trainable", "separate"),
+    "mhad_mode": ("auto", "stages", "penultimate"),
+    "g_lr_schedule": ("constant", "cosine"),
+    "s_lr_schedule": ("epoch", "iter", "onecycle"),
+    "amp": ("auto", "native", "bf16", "off"),
+    "schedule": ("cosine", "onecycle"),
+    "gpu_preload": ("auto", "on", "off"),
+    "replay": ("off", "pool"),
+    "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip"),
+    "g_aug": ("none", "flip", "crop_flip", "rrc_flip"),
+}
+
+
 def validate(cfg) -> None:
     """Type and range checks that catch typos early (names the field and the accepted values).
     A config built directly (``DistillConfig(use_adv="false")``, not through :func:`collect`) gets
     the same type check; an int given for a float field is stored as a float."""
     for name, typ in field_types(type(cfg)).items():
         object.__setattr__(cfg, name, _check_type(name, getattr(cfg, name), typ))
-    choices = {
-        "sam_softmax": ("spatial", "spatial_scaled", "channel"),
-        "block_norm": ("none", "bn"),
-        "output_map": ("imagenet", "raw_tanh"),
-        "kd_direction": ("t_s", "s_t"),
-        "mha_mode": ("frozen", "trainable", "separate"),
-        "mhad_mode": ("auto", "stages", "penultimate"),
-        "g_lr_schedule": ("constant", "cosine"),
-        "s_lr_schedule": ("epoch", "iter", "onecycle"),
-        "amp": ("auto", "native", "bf16", "off"),
-        "schedule": ("cosine", "onecycle"),
-        "gpu_preload": ("auto", "on", "off"),
-        "replay": ("off", "pool"),
-        "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip"),
-        "g_aug": ("none", "flip", "crop_flip", "rrc_flip"),
-    }
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
     for name in ("image_size", "batch_size", "epochs"):
