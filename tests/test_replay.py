@@ -111,6 +111,54 @@ def test_random_crop_is_a_shifted_window():
         augment(x, "mixup")
 
 
+def _crop_offsets(y: torch.Tensor, x: torch.Tensor) -> set:
+    """The (dy, dx) shift of every crop y[b] of x[b] (reflect padding by pad), read off the centre
+    pixel's value (x holds distinct values)."""
+    s = x.shape[-1]
+    out = set()
+    for b in range(y.shape[0]):
+        v = y[b, 0, s // 2, s // 2]
+        (r, c), = (x[b, 0] == v).nonzero().tolist()
+        out.add((r - s // 2, c - s // 2))
+    return out
+
+
+@pytest.mark.parametrize("pad,px", [(0.125, 4), (0.25, 8)])
+def test_replay_pad_sets_the_crop_range_of_pool_samples(pad, px):
+    """replay_pad: the crop_flip crops of pool samples shift by up to floor(pad x S) px each way
+    (S/8 by default, 4 px at 32 px), and every shift in that range occurs."""
+    s, n = 32, 3000
+    x = torch.arange(s * s, dtype=torch.float32).view(1, 1, s, s).expand(n, 3, s, s) / (s * s) - 0.5
+    rp = Replay(n, "raw_tanh", "cpu", aug="crop_flip", pad=pad)
+    torch.manual_seed(0)
+    from dfkd.replay import crop_pad_px
+    assert crop_pad_px(s, pad) == px and crop_pad_px(s) == s // 8 and crop_pad_px(12) == 1
+    y = random_crop(x, crop_pad_px(s, rp.pad))
+    offs = _crop_offsets(y, x)
+    want = {(dy, dx) for dy in range(-px, px + 1) for dx in range(-px, px + 1)}
+    assert offs == want
+    assert Replay(8, "raw_tanh", "cpu").pad == 0.125
+    m = build("dfkd_fgvc", replay="pool", replay_size=64, replay_pad=0.25)
+    assert m.replay.pad == 0.25
+    # fast keeps its paper's CIFAR crop (S/8) whatever the shared file says
+    assert build("fast", replay="pool", replay_size=64, replay_pad=0.25).replay.pad == 0.125
+    with pytest.raises(ValueError, match="replay_pad"):
+        Replay(8, "raw_tanh", "cpu", pad=1.0)
+
+
+def test_replay_batches_use_the_pool_pad(monkeypatch):
+    """Replay.batch hands its pad to the crop: a pool with pad 0.25 crops 32 px samples with 8 px."""
+    seen = []
+    import dfkd.replay as R
+    orig = R.random_crop
+    monkeypatch.setattr(R, "random_crop", lambda x, p: seen.append(p) or orig(x, p))
+    for pad, px in ((0.125, 4), (0.25, 8)):
+        rp = Replay(64, "raw_tanh", "cpu", aug="crop_flip", pad=pad)
+        rp.add(_imgs(8, s=32))
+        rp.batch(4, fresh_images=None)
+        assert seen[-1] == px
+
+
 def test_config_rejects_bad_replay_values():
     from dfkd.config import validate
     for bad, key in ((dict(replay="bank"), "replay"), (dict(replay_fresh=1.5), "replay_fresh"),
@@ -118,7 +166,8 @@ def test_config_rejects_bad_replay_values():
                      (dict(method="fast", method_options={"meta": "maml"}), "'meta'.*'fast'"),
                      (dict(replay_size=0), "replay_size"), (dict(replay_extra=-1), "replay_extra"),
                      (dict(replay_recent=0.8, replay_fresh=0.3), "replay_recent"),
-                     (dict(replay_recent_window=-1), "replay_recent_window")):
+                     (dict(replay_recent_window=-1), "replay_recent_window"),
+                     (dict(replay_pad=0.0), "replay_pad"), (dict(replay_pad=1.0), "replay_pad")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
 
@@ -145,9 +194,9 @@ def test_augmentation_only_on_pool_samples(method, monkeypatch):
     calls = {"n": 0}
     real = replay_mod.augment
 
-    def counting(x, mode, *args):
+    def counting(x, mode, *args, **kw):
         calls["n"] += 1
-        return real(x, mode, *args)
+        return real(x, mode, *args, **kw)
     monkeypatch.setattr(replay_mod, "augment", counting)
     with m.generator_phase():
         for _ in range(m.g_steps_per_iteration()):
@@ -388,6 +437,38 @@ def test_class_coverage_terms_enter_the_generator_loss():
     assert "oh" not in o0 and "oh" in o1
     assert torch.allclose(o1["loss"], o0["loss"] + o1["oh"] + 2.0 * o1["balance"], atol=1e-5)
     assert tiny_cfg().g_oh == 0.0 and tiny_cfg().g_balance == 0.0
+
+
+def test_mode_seeking_loss_against_a_hand_computation():
+    """MSGAN's term: 1 / (mean|x1 - x2| / mean|z1 - z2| + eps) over the batch's two halves."""
+    from dfkd.losses import mode_seeking_loss
+    x = torch.tensor([[0.0, 2.0], [1.0, 1.0], [3.0, 2.0], [1.0, 5.0]])   # pairs (0, 2), (1, 3)
+    z = torch.tensor([[1.0], [0.0], [0.0], [2.0]])
+    # |x1 - x2|: (3, 0, 0, 4) -> mean 7/4; |z1 - z2|: (1, 2) -> mean 3/2; r = 7/6
+    assert torch.allclose(mode_seeking_loss(x, z, eps=0.0), torch.tensor(6 / 7))
+    # odd B: rows (0, 1) paired, the last unpaired: |x0 - x1| = (1, 1), |z0 - z1| = 1, r = 1
+    assert torch.allclose(mode_seeking_loss(x[:3], z[:3], eps=0.0), torch.tensor(1.0))
+    # minimising it spreads images of different noise apart
+    xx = x.clone().requires_grad_(True)
+    mode_seeking_loss(xx, z).backward()
+    assert (xx.grad[:2] * (x[:2] - x[2:]) <= 0).all() and (xx.grad[:2] * (x[:2] - x[2:]) < 0).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        mode_seeking_loss(x[:1], z[:1])
+
+
+def test_mode_seeking_weight_enters_the_generator_loss():
+    """g_div (off by default) adds g_div x the mode-seeking term to Eq. 10 on the generated batch."""
+    m0 = build("dfkd_fgvc")
+    m1 = build("dfkd_fgvc", g_div=3.0)
+    torch.manual_seed(5)
+    with m0.generator_phase():
+        o0 = m0.generator_step()
+    torch.manual_seed(5)
+    with m1.generator_phase():
+        o1 = m1.generator_step()
+    assert "div" not in o0 and o1["div"] > 0
+    assert torch.allclose(o1["loss"], o0["loss"] + 3.0 * o1["div"], atol=1e-5)
+    assert tiny_cfg().g_div == 0.0
 
 
 def test_adversarial_weight_scales_the_kl_in_eq10():

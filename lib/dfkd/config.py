@@ -124,6 +124,7 @@ class DistillConfig(DataConfig):
     replay: str = "off"                # off (student on fresh generator images) | pool (replay pool)
     replay_size: int = 4096            # images kept in the replay pool (FIFO)
     replay_aug: str = "crop_flip"      # none | flip | crop_flip[_mixup|_cutmix|_color] | rrc_flip: pool samples only
+    replay_pad: float = 0.125          # dfkd_fgvc: crop_flip* reflect padding, a share of the side (S/8: 4 px at 32)
     replay_fresh: float = 0.0          # share of each student batch straight from the generator
     replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
     replay_recent: float = 0.0         # share of each student batch drawn from the pool's newest images
@@ -131,6 +132,7 @@ class DistillConfig(DataConfig):
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
+    g_div: float = 0.0                 # generator: MSGAN's mode-seeking term over the batch's two halves
     bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
     g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
     g_conditional: bool = False        # class-conditional generator: per-sample target labels (label embedding added to the noise)
@@ -345,6 +347,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
     if hasattr(cfg, "replay_fresh") and not 0.0 <= cfg.replay_fresh <= 1.0:
         raise ConfigError(f"replay_fresh must lie in [0, 1] (a share of the student batch), got {cfg.replay_fresh}")
+    if hasattr(cfg, "replay_pad") and not 0.0 < cfg.replay_pad < 1.0:
+        raise ConfigError(f"replay_pad must lie in (0, 1) (the pool crops' reflect padding as a share of the "
+                          f"image side; 0.125 = S/8), got {cfg.replay_pad}")
     if hasattr(cfg, "replay_recent") and not 0.0 <= cfg.replay_recent <= 1.0 - cfg.replay_fresh:
         raise ConfigError(f"replay_recent must lie in [0, 1 - replay_fresh] (a share of the student batch; "
                           f"replay_fresh is {cfg.replay_fresh}), got {cfg.replay_recent}")

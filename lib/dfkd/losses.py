@@ -437,6 +437,19 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], where: str) -> None
                              "(lr_g / lr_s) or amp='off'")
 
 
+def mode_seeking_loss(x: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al., CVPR 2019, Eq. 3): the batch's first half is paired
+    with its second half, ``r = mean|x1 - x2| / mean|z1 - z2|`` and the loss is ``1 / (r + eps)``:
+    minimising it pushes images of different noise apart (against a generator that maps every z
+    to one image). x (B, ...) images, z (B, nz) their noise, B >= 2; a 0-d fp32 tensor."""
+    h = x.shape[0] // 2
+    if h < 1:
+        raise ValueError(f"mode_seeking_loss needs a batch of at least 2, got {x.shape[0]}")
+    x, z = x.float(), z.float()
+    r = (x[:h] - x[h:2 * h]).abs().mean() / (z[:h] - z[h:2 * h]).abs().mean()
+    return 1.0 / (r + eps)
+
+
 def class_coverage_terms(logits: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DFQ's generator terms on teacher logits (B, K): the instance entropy (cross-entropy to the
     argmax) and the class balance ``sum_k p_k log p_k`` of the batch-mean softmax p (``reduce``:

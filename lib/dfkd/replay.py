@@ -16,9 +16,10 @@ it (the paper's own method uses it when ``replay='pool'``; docs/decisions.md#syn
 
 Options (fields of :class:`~dfkd.config.DistillConfig`):
 ``replay`` (``off`` = Algorithm 1 as printed | ``pool``), ``replay_size`` (images kept),
-``replay_aug`` (augmentation of pool samples), ``replay_fresh`` (share of each student batch that
-comes straight from the generator instead of the pool), ``replay_recent`` / ``replay_recent_window``
-(share of each student batch drawn from the pool's newest images only).
+``replay_aug`` (augmentation of pool samples), ``replay_pad`` (the crops' padding), ``replay_fresh``
+(share of each student batch that comes straight from the generator instead of the pool),
+``replay_recent`` / ``replay_recent_window`` (share of each student batch drawn from the pool's
+newest images only).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from .generator import from_teacher_input, to_teacher_input
 
 REPLAY_MODES = ("off", "pool")
 AUGMENTATIONS = ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip")
+# crop_flip: the reflect padding of the random crop as a share of the image side (S/8: 4 px at 32 px,
+# the CIFAR recipe that CMI and Fast apply to their memory banks); replay_pad selects another
+CROP_PAD = 0.125
 # rrc_flip: the area range of the teachers' training crop (docs/decisions.md#data, D1)
 RRC_SCALE = (0.35, 1.0)
 # crop_flip_color: the jitter strength s (brightness, contrast, saturation from U(1 - s, 1 + s));
@@ -131,11 +135,19 @@ def color_jitter(x: torch.Tensor, output_map: str = "imagenet", strength: float 
     return to_teacher_input(p.clamp(0.0, 1.0) * 2.0 - 1.0, output_map).to(x.dtype)
 
 
-def augment(x: torch.Tensor, mode: str, output_map: str = "imagenet") -> torch.Tensor:
+def crop_pad_px(size: int, pad: float = CROP_PAD) -> int:
+    """The crop's reflect padding in pixels for images of side ``size``: ``floor(pad * size)``
+    (S // 8 at the default), at least 1 and at most ``size - 1`` (reflect padding needs fewer
+    pixels than the side)."""
+    return min(size - 1, max(1, int(pad * size)))
+
+
+def augment(x: torch.Tensor, mode: str, output_map: str = "imagenet", pad: float = CROP_PAD) -> torch.Tensor:
     """Student-side augmentation of pool samples x (B, 3, S, S), teacher space.
 
     ``none``: x unchanged; ``flip``: random horizontal flip; ``crop_flip``: random crop with
-    S/8 px reflect padding (4 px at 32 px, as the CIFAR recipes), then flip; ``crop_flip_mixup`` /
+    ``pad`` x S px reflect padding (:func:`crop_pad_px`; default S/8: 4 px at 32 px, as the CIFAR
+    recipes), then flip; ``crop_flip_mixup`` /
     ``crop_flip_cutmix``: then :func:`mixup` / :func:`cutmix` within the batch (data parallel:
     within this rank's rows, so equal to one process in distribution only; see decisions.md#speed);
     ``crop_flip_color``: then :func:`color_jitter` in the pixel space of ``output_map`` (the run's);
@@ -149,7 +161,7 @@ def augment(x: torch.Tensor, mode: str, output_map: str = "imagenet") -> torch.T
     if mode == "rrc_flip":
         return random_resized_crop(x, scale=RRC_SCALE)
     if mode.startswith("crop_flip"):
-        x = random_flip(random_crop(x, max(1, x.shape[-1] // 8)))
+        x = random_flip(random_crop(x, crop_pad_px(x.shape[-1], pad)))
         if mode == "crop_flip_mixup":
             return mixup(x)
         if mode == "crop_flip_cutmix":
@@ -175,10 +187,11 @@ class Replay:
             newest pool images instead of the whole pool (``replay_recent``). Uniform draws from a
             keep-all pool see an image added late in a run less than once (decisions.md#synthesis).
         window: the number of newest images ``recent`` draws from (``replay_recent_window``).
+        pad: the ``crop_flip*`` crops' reflect padding as a share of the image side (``replay_pad``).
     """
 
     def __init__(self, capacity: int, output_map: str, device, *, aug: str = "crop_flip", fresh: float = 0.0,
-                 recent: float = 0.0, window: int = 1):
+                 recent: float = 0.0, window: int = 1, pad: float = CROP_PAD):
         from .methods.common import ImagePool   # the uint8 FIFO the pool-based baselines use
         if aug not in AUGMENTATIONS:
             raise ValueError(f"replay_aug={aug!r} is not one of {AUGMENTATIONS}")
@@ -188,9 +201,11 @@ class Replay:
             raise ValueError(f"replay_recent must lie in [0, 1 - replay_fresh], got {recent} (fresh {fresh})")
         if window < 1:
             raise ValueError(f"the recent window must hold >= 1 image, got {window}")
+        if not 0.0 < pad < 1.0:
+            raise ValueError(f"replay_pad must lie in (0, 1) (a share of the image side), got {pad}")
         self.pool = ImagePool(capacity, output_map, device)
         self.aug, self.fresh = aug, float(fresh)
-        self.recent, self.window = float(recent), int(window)
+        self.recent, self.window, self.pad = float(recent), int(window), float(pad)
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -214,7 +229,7 @@ class Replay:
         if n - k - r > 0:
             parts.append(self.pool.sample(n - k - r).to(dtype))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        return augment(x, self.aug, self.pool.output_map)
+        return augment(x, self.aug, self.pool.output_map, pad=self.pad)
 
     def state(self) -> dict[str, Any]:
         return self.pool.state()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import dist
 from ..generator import AttentionGenerator
 from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, class_coverage_terms, kd_loss,
-                      load_bn_memory, mhad_loss, sfcl_loss)
+                      load_bn_memory, mhad_loss, mode_seeking_loss, sfcl_loss)
 from ..replay import Replay, augment
 from .base import DistillMethod
 
@@ -90,8 +90,8 @@ class DFKDFGVC(DistillMethod):
         # replay_recent_window 0: the images of one iteration's generator steps (global batch)
         window = cfg.replay_recent_window or cfg.g_steps * cfg.batch_size * self.world_size
         self.replay = (Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
-                              aug=cfg.replay_aug, fresh=cfg.replay_fresh, recent=cfg.replay_recent,
-                              window=max(1, window)) if cfg.replay == "pool" else None)
+                              aug=cfg.replay_aug, pad=cfg.replay_pad, fresh=cfg.replay_fresh,
+                              recent=cfg.replay_recent, window=max(1, window)) if cfg.replay == "pool" else None)
         if cfg.use_sfcl:
             # one projection shared by both networks (a common space, Sec. 4.3); a linear map first
             # brings a student of another width to the teacher's
@@ -153,7 +153,8 @@ class DFKDFGVC(DistillMethod):
         self.maybe_reinit_generator()
         self.generator.train()
         with self.autocast():
-            x = self.generate(cfg.batch_size)
+            z = self.sample_z(cfg.batch_size)
+            x = self.generate(cfg.batch_size, z)
             # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
             # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
             xa = augment(x, cfg.g_aug)
@@ -172,6 +173,9 @@ class DFKDFGVC(DistillMethod):
             if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
                 out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
                 loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
+            if cfg.g_div > 0:   # MSGAN's mode-seeking term (off in the paper preset)
+                out["div"] = mode_seeking_loss(x, z)
+                loss = loss + cfg.g_div * out["div"]
             if cfg.g_conditional:   # per-sample targets (DeepInversion's, Fast's, NAYER's CE term)
                 out["ce"] = F.cross_entropy(t_logits.float(), self.targets)
                 loss = loss + cfg.g_ce * out["ce"]

@@ -95,6 +95,7 @@ class Fast(GeneratorBaseline):
     def build(self) -> None:
         super().build()      # self.generator: the meta generator
         cfg = self.cfg
+        # the memory bank's crops keep Fast's CIFAR padding (S/8); replay_pad is dfkd_fgvc's CPU lever
         self.replay = Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
                              aug=cfg.replay_aug, fresh=0.0)
         self.bn_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
