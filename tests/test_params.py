@@ -132,3 +132,50 @@ def test_a_config_built_directly_is_type_checked():
         TC(epochs="3")
     cfg = DC(lr_s=1)
     assert cfg.lr_s == 1.0 and isinstance(cfg.lr_s, float)
+
+
+# Batches whose distillation recipes must not move when notebook 30's parameters cell (the embedded
+# set's CPU preset, which `make demo` and a person in JupyterLab get) changes: a job inherits the
+# cell's default for every key it leaves unset.
+PINNED_BATCHES = ("paper.yaml", "workbench.yaml", "laptop.yaml", "cpu_cub.yaml")
+# the presets that claim the paper's recipe: every such key pinned to the library default (the
+# paper's reading), except what the paper states differently at their scale
+PAPER_PARAMS = ("params/paper/distill.yaml", "params/workbench/distill.yaml")
+PAPER_SCALE_KEYS = {"teacher_run", "dataset", "epochs", "iters_per_epoch", "g_steps", "s_steps", "batch_size",
+                    "nz", "ngf", "num_workers", "toy_test_per_class"}
+
+
+def _cell_levers() -> dict:
+    """Keys whose default in notebook 30's cell differs from DistillConfig's: {name: cell default}."""
+    defaults = config.field_defaults(config.DistillConfig)
+    cell = batch.notebook_parameters(ROOT / "notebooks/30_distillation.py")
+    return {k: v for k, (_, v) in cell.items() if k in defaults and defaults[k] != v}
+
+
+@pytest.mark.parametrize("manifest", PINNED_BATCHES)
+def test_reference_batches_set_every_key_notebook_30s_cell_changes(manifest):
+    """A distillation job of these batches sets (params file, set or grid) every key whose default in
+    notebook 30's cell differs from the library's, so editing the cell cannot change their recipes
+    (the paper preset inherited the replay pool, block_norm bn and the class-coverage terms until
+    2026-12-06). toy_* keys only matter on the embedded set."""
+    levers = _cell_levers()
+    assert {"replay", "g_oh", "block_norm"} <= set(levers)    # the check has something to check
+    jobs = [j for j in batch.resolve_jobs(ROOT / "batches" / manifest)
+            if str(j.notebook).endswith("30_distillation.py")]
+    assert jobs
+    for j in jobs:
+        toy = j.params.get("dataset", levers.get("dataset")) == "toy_fgvc"
+        unset = sorted(k for k in levers if k not in j.params and (toy or not k.startswith("toy_")))
+        assert not unset, (f"{manifest} job {j.run_name} inherits {unset} from notebook 30's cell: "
+                           "set them in its params file")
+
+
+@pytest.mark.parametrize("path", PAPER_PARAMS)
+def test_paper_presets_pin_the_cpu_levers_to_the_papers_reading(path):
+    """params/paper and params/workbench say 'the paper's recipe': every CPU-preset lever of notebook
+    30's cell is set there to the library default (replay off, no class-coverage terms, ...)."""
+    pinned = batch.load_yaml(ROOT / path)
+    defaults = config.field_defaults(config.DistillConfig)
+    for k in set(_cell_levers()) - PAPER_SCALE_KEYS:
+        assert k in pinned, f"{path} does not pin {k}"
+        assert pinned[k] == defaults[k], f"{path}: {k}={pinned[k]!r}, the library's (paper) default is {defaults[k]!r}"
