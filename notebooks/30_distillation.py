@@ -58,6 +58,7 @@ beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 1.0                        # SFCL weight (Eq. 11; paper: 8, which swamps KD at this budget)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
 replay_size: int = 60000                  # images kept in the pool (90 x 10 x 2 x 32 = 57,600: keep all)
+replay_pad: float = 0.25                  # pool crops shift by up to 0.25 x the side (8 px; CIFAR's 4 px: 0.125)
 replay_extra: int = 1                     # extra no-grad generator batches per G step into the pool (paper: 0)
 g_oh: float = 1.0                         # generator: confident teacher predictions (DFQ's L_oh; paper: 0)
 g_balance: float = 5.0                    # generator: balanced classes per batch (DFQ; paper: 0)
