@@ -46,16 +46,18 @@ def toy_teacher(tmp_path_factory):
     """A resnet_tiny_t teacher trained on toy_fgvc at 32 px with the demo recipe (one-cycle, 60
     epochs; 97.7 % top-1 on these 300 test images, 183 s with two threads on the 2-core AMD EPYC of
     2026-12-02). Half the epochs was chaotic: 62.7, 36.3 and 62.3 % for seeds 0-2 (and 86 % on
-    another machine), and a 63 % teacher left the smoke distillation at 16 %. One thread, as every
-    test (conftest): `make test` runs two xdist workers on the 2 cores, so a second thread here only
-    competes with the other worker (the result of this recipe does not hinge on the thread count:
-    92-98 % over seeds and thread counts)."""
+    another machine), and a 63 % teacher left the smoke distillation at 16 %. Two threads here
+    (the result of this recipe does not hinge on them: 92-98 % over seeds and thread counts),
+    back to one for the tests (conftest)."""
     root = tmp_path_factory.mktemp("teacher_runs")
     cfg = TeacherConfig(run_name="toy_t", arch="resnet_tiny_t", epochs=60, batch_size=32, lr=0.05,
                         schedule="onecycle", **TOY)
     run = tracking.start_run("teacher", cfg.run_name, cfg, runs_root=root)
-    torch.set_num_threads(1)
-    summary = train_teacher(cfg, run, progress=False)
+    torch.set_num_threads(2)
+    try:
+        summary = train_teacher(cfg, run, progress=False)
+    finally:
+        torch.set_num_threads(1)
     return root, cfg, summary
 
 
