@@ -424,16 +424,20 @@ def test_replay_extra_adds_samples_of_the_updated_generator():
     assert len(off.replay) == b and tiny_cfg().replay_extra == 0
 
 
+def _generator_steps_without_and_with(**options):
+    """One generator step of the default dfkd_fgvc and one with ``options``, from the same seed."""
+    outs = []
+    for kw in ({}, options):
+        m = build("dfkd_fgvc", **kw)
+        torch.manual_seed(5)
+        with m.generator_phase():
+            outs.append(m.generator_step())
+    return outs
+
+
 def test_class_coverage_terms_enter_the_generator_loss():
     """g_oh / g_balance (off by default) add DFQ's instance-entropy and balance terms to Eq. 10."""
-    m0 = build("dfkd_fgvc")
-    m1 = build("dfkd_fgvc", g_oh=1.0, g_balance=2.0)
-    torch.manual_seed(5)
-    with m0.generator_phase():
-        o0 = m0.generator_step()
-    torch.manual_seed(5)
-    with m1.generator_phase():
-        o1 = m1.generator_step()
+    o0, o1 = _generator_steps_without_and_with(g_oh=1.0, g_balance=2.0)
     assert "oh" not in o0 and "oh" in o1
     assert torch.allclose(o1["loss"], o0["loss"] + o1["oh"] + 2.0 * o1["balance"], atol=1e-5)
     assert tiny_cfg().g_oh == 0.0 and tiny_cfg().g_balance == 0.0
@@ -458,14 +462,7 @@ def test_mode_seeking_loss_against_a_hand_computation():
 
 def test_mode_seeking_weight_enters_the_generator_loss():
     """g_div (off by default) adds g_div x the mode-seeking term to Eq. 10 on the generated batch."""
-    m0 = build("dfkd_fgvc")
-    m1 = build("dfkd_fgvc", g_div=3.0)
-    torch.manual_seed(5)
-    with m0.generator_phase():
-        o0 = m0.generator_step()
-    torch.manual_seed(5)
-    with m1.generator_phase():
-        o1 = m1.generator_step()
+    o0, o1 = _generator_steps_without_and_with(g_div=3.0)
     assert "div" not in o0 and o1["div"] > 0
     assert torch.allclose(o1["loss"], o0["loss"] + 3.0 * o1["div"], atol=1e-5)
     assert tiny_cfg().g_div == 0.0
