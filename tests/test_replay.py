@@ -14,7 +14,7 @@ from dfkd import tracking
 from dfkd.config import ConfigError, DistillConfig
 from dfkd.losses import bn_prior, shifted_moments
 from dfkd.methods.fast import meta_gradients
-from dfkd.replay import Replay, augment, random_crop
+from dfkd.replay import Replay, augment, crop_pad_px, random_crop
 from dfkd.train import distill
 
 from test_methods import build, tiny_cfg
@@ -112,8 +112,8 @@ def test_random_crop_is_a_shifted_window():
 
 
 def _crop_offsets(y: torch.Tensor, x: torch.Tensor) -> set:
-    """The (dy, dx) shift of every crop y[b] of x[b] (reflect padding by pad), read off the centre
-    pixel's value (x holds distinct values)."""
+    """The (dy, dx) shift of every crop y[b] of x[b], read off the centre pixel's value (x holds
+    distinct values, so the centre of a crop shifted by at most S/2 - 1 px is found once)."""
     s = x.shape[-1]
     out = set()
     for b in range(y.shape[0]):
@@ -129,17 +129,13 @@ def test_replay_pad_sets_the_crop_range_of_pool_samples(pad, px):
     (S/8 by default, 4 px at 32 px), and every shift in that range occurs."""
     s, n = 32, 3000
     x = torch.arange(s * s, dtype=torch.float32).view(1, 1, s, s).expand(n, 3, s, s) / (s * s) - 0.5
-    rp = Replay(n, "raw_tanh", "cpu", aug="crop_flip", pad=pad)
     torch.manual_seed(0)
-    from dfkd.replay import crop_pad_px
     assert crop_pad_px(s, pad) == px and crop_pad_px(s) == s // 8 and crop_pad_px(12) == 1
-    y = random_crop(x, crop_pad_px(s, rp.pad))
-    offs = _crop_offsets(y, x)
+    offs = _crop_offsets(random_crop(x, crop_pad_px(s, pad)), x)
     want = {(dy, dx) for dy in range(-px, px + 1) for dx in range(-px, px + 1)}
     assert offs == want
     assert Replay(8, "raw_tanh", "cpu").pad == 0.125
-    m = build("dfkd_fgvc", replay="pool", replay_size=64, replay_pad=0.25)
-    assert m.replay.pad == 0.25
+    assert build("dfkd_fgvc", replay="pool", replay_size=64, replay_pad=pad).replay.pad == pad
     # fast keeps its paper's CIFAR crop (S/8) whatever the shared file says
     assert build("fast", replay="pool", replay_size=64, replay_pad=0.25).replay.pad == 0.125
     with pytest.raises(ValueError, match="replay_pad"):
@@ -149,9 +145,8 @@ def test_replay_pad_sets_the_crop_range_of_pool_samples(pad, px):
 def test_replay_batches_use_the_pool_pad(monkeypatch):
     """Replay.batch hands its pad to the crop: a pool with pad 0.25 crops 32 px samples with 8 px."""
     seen = []
-    import dfkd.replay as R
-    orig = R.random_crop
-    monkeypatch.setattr(R, "random_crop", lambda x, p: seen.append(p) or orig(x, p))
+    orig = replay_mod.random_crop
+    monkeypatch.setattr(replay_mod, "random_crop", lambda x, p: seen.append(p) or orig(x, p))
     for pad, px in ((0.125, 4), (0.25, 8)):
         rp = Replay(64, "raw_tanh", "cpu", aug="crop_flip", pad=pad)
         rp.add(_imgs(8, s=32))
