@@ -160,11 +160,12 @@ def test_reference_batches_set_every_key_notebook_30s_cell_changes(manifest):
     2026-12-06). toy_* keys only matter on the embedded set."""
     levers = _cell_levers()
     assert {"replay", "g_oh", "block_norm"} <= set(levers)    # the check has something to check
+    cell_dataset = batch.notebook_parameters(ROOT / "notebooks/30_distillation.py")["dataset"][1]
     jobs = [j for j in batch.resolve_jobs(ROOT / "batches" / manifest)
             if str(j.notebook).endswith("30_distillation.py")]
     assert jobs
     for j in jobs:
-        toy = j.params.get("dataset", levers.get("dataset")) == "toy_fgvc"
+        toy = j.params.get("dataset", cell_dataset) == "toy_fgvc"   # an unset dataset is the cell's
         unset = sorted(k for k in levers if k not in j.params and (toy or not k.startswith("toy_")))
         assert not unset, (f"{manifest} job {j.run_name} inherits {unset} from notebook 30's cell: "
                            "set them in its params file")
