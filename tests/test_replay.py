@@ -96,6 +96,72 @@ def test_recent_window_defaults_to_one_iteration_of_generator_batches():
     assert build("dfkd_fgvc", replay="pool", replay_size=256).replay.recent == 0.0   # off by default
 
 
+def _labelled_pool(sizes, balance, capacity=None):
+    """A pool whose image k holds the value of its class in every pixel: class c has sizes[c] images."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    x = (labels.float() / 10 - 0.5)[:, None, None, None].expand(len(labels), 3, 4, 4).contiguous()
+    rp = Replay(capacity or len(labels), "raw_tanh", "cpu", aug="none", balance=balance)
+    rp.add(x, labels)
+    return rp
+
+
+def _drawn_classes(rp, n=6000):
+    v = rp.batch(n, fresh_images=None)[:, 0, 0, 0]
+    return ((v + 0.5) * 10).round().long()          # the class each draw's pixels encode
+
+
+def test_balanced_draws_give_every_class_its_share():
+    """replay_balance 1: each class the pool holds is drawn equally often, whatever its pool share;
+    0: draws follow the pool shares (uniform over images, CMI and Fast); 0.5: in between."""
+    sizes = [48, 12, 4]
+    torch.manual_seed(0)
+    for b, want in ((1.0, [1 / 3, 1 / 3, 1 / 3]), (0.0, [48 / 64, 12 / 64, 4 / 64]),
+                    (0.5, [n ** .5 / sum(k ** .5 for k in sizes) for n in sizes])):   # n_c x n_c^-0.5
+        got = torch.bincount(_drawn_classes(_labelled_pool(sizes, b)), minlength=3).float() / 6000
+        assert torch.allclose(got, torch.tensor(want), atol=0.025), (b, got)
+
+
+def test_pool_labels_follow_their_images_through_overwrites_and_checkpoints():
+    rp = _labelled_pool([6], 1.0, capacity=8)                     # 6 of class 0, then 6 of class 1:
+    one = _labelled_pool([0, 6], 1.0)                             # the ring overwrites 4 of class 0
+    rp.add(one.pool.decode(one.pool.images), one.pool.labels)
+    assert rp.pool.labels.tolist() == [1, 1, 1, 1, 0, 0, 1, 1]
+    stored = ((rp.pool.decode(rp.pool.images)[:, 0, 0, 0] + 0.5) * 10).round().long()
+    assert torch.equal(stored, rp.pool.labels)                    # each label sits with its image
+    fresh = Replay(8, "raw_tanh", "cpu", aug="none", balance=1.0)
+    fresh.load(rp.state())
+    assert torch.equal(fresh.pool.labels, rp.pool.labels) and torch.equal(fresh.pool.images, rp.pool.images)
+    torch.manual_seed(0)
+    counts = torch.bincount(_drawn_classes(fresh), minlength=2).float()
+    assert (counts / counts.sum() - 0.5).abs().max() < 0.03       # 2 of class 0 against 6 of class 1
+    with pytest.raises(ValueError, match="labels"):
+        fresh.add(_imgs(2, s=4))                                   # a labelled pool needs labels
+    with pytest.raises(ValueError, match="replay_balance"):
+        Replay(8, "raw_tanh", "cpu", balance=-1.0)
+    unlabelled = Replay(8, "raw_tanh", "cpu", aug="none")
+    unlabelled.add(_imgs(4, s=4))
+    with pytest.raises(ValueError, match="labels"):
+        unlabelled.pool.sample(2, balance=1.0)
+
+
+def test_dfkd_fgvc_labels_every_pool_image_with_the_teachers_class():
+    """replay_balance > 0: every image the generator steps add (the optimised batch and the
+    replay_extra ones) carries the teacher's argmax; off, the pool keeps no labels."""
+    m = build("dfkd_fgvc", replay="pool", replay_size=64, replay_balance=1.0, replay_extra=1, g_steps=2)
+    fw = m.counters["teacher_forwards"]
+    with m.generator_phase():
+        for _ in range(2):
+            m.generator_step()
+    assert len(m.replay) == 32 and m.replay.balance == 1.0
+    assert m.counters["teacher_forwards"] - fw == 4 * m.cfg.batch_size    # 2 steps + 2 extra batches
+    imgs = m.replay.pool.decode(m.replay.pool.images[:32])
+    with torch.no_grad():
+        want = m.teacher(imgs).argmax(1)
+    # the labels were taken before the uint8 quantisation of the stored images
+    assert (m.replay.pool.labels[:32] == want).float().mean() >= 0.9
+    assert build("dfkd_fgvc", replay="pool", replay_size=64).replay.pool.labels is None
+
+
 def test_random_crop_is_a_shifted_window():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     torch.manual_seed(0)
@@ -162,7 +228,8 @@ def test_config_rejects_bad_replay_values():
                      (dict(replay_size=0), "replay_size"), (dict(replay_extra=-1), "replay_extra"),
                      (dict(replay_recent=0.8, replay_fresh=0.3), "replay_recent"),
                      (dict(replay_recent_window=-1), "replay_recent_window"),
-                     (dict(replay_pad=0.0), "replay_pad"), (dict(replay_pad=1.0), "replay_pad")):
+                     (dict(replay_pad=0.0), "replay_pad"), (dict(replay_pad=1.0), "replay_pad"),
+                     (dict(replay_balance=-0.5), "replay_balance")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
 

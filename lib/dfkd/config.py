@@ -129,6 +129,7 @@ class DistillConfig(DataConfig):
     replay_extra: int = 0              # extra batches the updated generator adds to the pool per G step (no grad)
     replay_recent: float = 0.0         # share of each student batch drawn from the pool's newest images
     replay_recent_window: int = 0      # how many newest images that share draws from (0: one iteration's, g_steps x batch)
+    replay_balance: float = 0.0        # dfkd_fgvc: pool draws weighted n_c^-b by the teacher's class at synthesis (0: uniform)
     g_oh: float = 0.0                  # generator: CE of teacher logits to their argmax (DFQ's L_oh)
     g_balance: float = 0.0             # generator: class balance of the batch-mean teacher softmax
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
@@ -353,6 +354,9 @@ def validate(cfg) -> None:
     if hasattr(cfg, "replay_recent") and not 0.0 <= cfg.replay_recent <= 1.0 - cfg.replay_fresh:
         raise ConfigError(f"replay_recent must lie in [0, 1 - replay_fresh] (a share of the student batch; "
                           f"replay_fresh is {cfg.replay_fresh}), got {cfg.replay_recent}")
+    if hasattr(cfg, "replay_balance") and cfg.replay_balance < 0:
+        raise ConfigError(f"replay_balance must be >= 0 (0: uniform pool draws; 1: every class the teacher "
+                          f"sees in the pool drawn equally often), got {cfg.replay_balance}")
     if hasattr(cfg, "replay_recent_window") and cfg.replay_recent_window < 0:
         raise ConfigError(f"replay_recent_window must be >= 0 (images; 0 = one iteration's generator batches), "
                           f"got {cfg.replay_recent_window}")

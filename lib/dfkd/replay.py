@@ -19,7 +19,8 @@ Options (fields of :class:`~dfkd.config.DistillConfig`):
 ``replay_aug`` (augmentation of pool samples), ``replay_pad`` (the crops' padding), ``replay_fresh``
 (share of each student batch that comes straight from the generator instead of the pool),
 ``replay_recent`` / ``replay_recent_window`` (share of each student batch drawn from the pool's
-newest images only).
+newest images only), ``replay_balance`` (pool draws weighted towards the classes the teacher sees
+least often in the pool).
 """
 from __future__ import annotations
 
@@ -188,10 +189,14 @@ class Replay:
             keep-all pool see an image added late in a run less than once (decisions.md#synthesis).
         window: the number of newest images ``recent`` draws from (``replay_recent_window``).
         pad: the ``crop_flip*`` crops' reflect padding as a share of the image side (``replay_pad``).
+        balance: b >= 0 of the whole-pool draws (``replay_balance``): image i is drawn with probability
+            proportional to n_c^-b, n_c the number of pooled images whose label (the teacher's argmax
+            when it was made) is its class; 0 = uniform (CMI, Fast), 1 = every class equally often.
+            With b > 0 every :meth:`add` must pass labels.
     """
 
     def __init__(self, capacity: int, output_map: str, device, *, aug: str = "crop_flip", fresh: float = 0.0,
-                 recent: float = 0.0, window: int = 1, pad: float = CROP_PAD):
+                 recent: float = 0.0, window: int = 1, pad: float = CROP_PAD, balance: float = 0.0):
         from .methods.common import ImagePool   # the uint8 FIFO the pool-based baselines use
         if aug not in AUGMENTATIONS:
             raise ValueError(f"replay_aug={aug!r} is not one of {AUGMENTATIONS}")
@@ -203,21 +208,27 @@ class Replay:
             raise ValueError(f"the recent window must hold >= 1 image, got {window}")
         if not 0.0 < pad < 1.0:
             raise ValueError(f"replay_pad must lie in (0, 1) (a share of the image side), got {pad}")
+        if balance < 0:
+            raise ValueError(f"replay_balance must be >= 0 (0: uniform draws, 1: class-balanced), got {balance}")
         self.pool = ImagePool(capacity, output_map, device)
         self.aug, self.fresh = aug, float(fresh)
         self.recent, self.window, self.pad = float(recent), int(window), float(pad)
+        self.balance = float(balance)
 
     def __len__(self) -> int:
         return len(self.pool)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Store a synthesised batch x (B, 3, S, S), teacher space (detached, quantised to uint8)."""
-        self.pool.add(x.detach())
+    def add(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store a synthesised batch x (B, 3, S, S), teacher space (detached, quantised to uint8), and
+        its class labels (B,) where ``balance`` > 0 draws by class."""
+        if self.balance > 0 and labels is None:
+            raise ValueError("replay_balance > 0 draws by class: add() needs the batch's labels")
+        self.pool.add(x.detach(), labels if self.balance > 0 else None)
 
     def batch(self, n: int, fresh_images) -> torch.Tensor:
         """n student images: ``round(n * fresh)`` from ``fresh_images(k)`` (the generator now),
         ``round(n * recent)`` drawn uniformly from the ``window`` newest pool images, the rest drawn
-        uniformly from the whole pool, all augmented. An empty pool gives fresh images only."""
+        from the whole pool (uniformly, or weighted by class with ``balance``), all augmented. An empty pool gives fresh images only."""
         k = n if len(self.pool) == 0 else int(round(n * self.fresh))
         r = 0 if len(self.pool) == 0 else min(n - k, int(round(n * self.recent)))
         parts = []
@@ -227,7 +238,7 @@ class Replay:
         if r > 0:
             parts.append(self.pool.sample_recent(r, self.window).to(dtype))
         if n - k - r > 0:
-            parts.append(self.pool.sample(n - k - r).to(dtype))
+            parts.append(self.pool.sample(n - k - r, balance=self.balance).to(dtype))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return augment(x, self.aug, self.pool.output_map, pad=self.pad)
 

@@ -136,6 +136,11 @@ class ImagePool:
     identical, a student batch is the single process's, and rank 0's checkpoint restores every
     rank (and resumes under any world size). Each rank keeps ``capacity`` images, as before.
 
+    Optional labels: ``add(x, labels)`` also keeps one class index per image (the teacher's argmax
+    when the image was made), and ``sample(n, balance=b)`` with b > 0 then draws image i with
+    probability proportional to n_c(i)^-b, n_c the number of pooled images of its class (b = 1:
+    every class equally often; ``replay_balance``, docs/decisions.md#synthesis).
+
     Args:
         capacity: maximum number of images kept (the oldest are overwritten).
         output_map: the run's ``output_map`` (how teacher space maps to pixels).
@@ -147,6 +152,7 @@ class ImagePool:
         self.output_map = output_map
         self.device = torch.device(device)
         self.images: torch.Tensor | None = None   # (capacity, 3, S, S) uint8, allocated on first add
+        self.labels: torch.Tensor | None = None   # (capacity,) int64, allocated on the first add with labels
         self.size = 0
         self.ptr = 0
 
@@ -160,27 +166,56 @@ class ImagePool:
         return to_teacher_input(u8.float() / 127.5 - 1.0, self.output_map)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Append a batch x (B, 3, S, S) (teacher space); overwrites the oldest when full. Data
+    def add(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Append a batch x (B, 3, S, S) (teacher space) and, optionally, its class indices (B,);
+        overwrites the oldest when full. A pool that keeps labels needs them with every batch. Data
         parallel: every rank's B rows are added (collective: all ranks call it together)."""
+        if labels is None and self.labels is not None:
+            raise ValueError("this pool keeps a class label per image (replay_balance > 0): pass labels to add()")
         u8 = dist.all_gather_rows(self.encode(x).to(self.device))
+        if labels is not None:
+            labels = dist.all_gather_rows(labels.detach().to(self.device, torch.long).reshape(-1))
+            if labels.shape[0] != u8.shape[0]:
+                raise ValueError(f"{labels.shape[0]} labels for {u8.shape[0]} images")
         if self.images is None:
             self.images = torch.zeros((self.capacity, *u8.shape[1:]), dtype=torch.uint8, device=self.device)
+        if labels is not None and self.labels is None:
+            if self.size:
+                raise ValueError("labels can only be kept from the first batch on (this pool already holds "
+                                 "unlabelled images)")
+            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
         if u8.shape[0] > self.capacity:
             u8 = u8[-self.capacity:]
+            labels = labels[-self.capacity:] if labels is not None else None
         n = u8.shape[0]
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         self.images.index_copy_(0, idx, u8)
+        if labels is not None:
+            self.labels.index_copy_(0, idx, labels)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
 
-    def sample(self, n: int) -> torch.Tensor:
-        """(n, 3, S, S) teacher-space images drawn uniformly with replacement (data parallel: this
-        rank's n rows of the global batch's draw)."""
+    def sample(self, n: int, balance: float = 0.0) -> torch.Tensor:
+        """(n, 3, S, S) teacher-space images drawn with replacement (data parallel: this rank's n
+        rows of the global batch's draw): uniformly (``balance`` 0, CMI's and Fast's draw) or with
+        probability proportional to n_c^-balance of the image's class c (needs labels)."""
         if self.size == 0:
             raise RuntimeError("the image pool is empty")
-        idx = dist.rank_rows(lambda m: torch.randint(0, self.size, (m,), device=self.device), n)
+        if balance > 0:
+            w = self.draw_weights(balance)
+            idx = dist.rank_rows(lambda m: torch.multinomial(w, m, replacement=True), n)
+        else:
+            idx = dist.rank_rows(lambda m: torch.randint(0, self.size, (m,), device=self.device), n)
         return self.decode(self.images[idx])
+
+    def draw_weights(self, balance: float) -> torch.Tensor:
+        """(size,) unnormalised draw weights n_c(i)^-balance of the pooled images (``replay_balance``)."""
+        if self.labels is None:
+            raise ValueError("class-balanced draws need the pool's labels: add batches with labels "
+                             "(dfkd_fgvc does when replay_balance > 0)")
+        lab = self.labels[:self.size]
+        counts = torch.bincount(lab).double()
+        return counts[lab].pow(-float(balance))
 
     def sample_recent(self, n: int, window: int) -> torch.Tensor:
         """(n, 3, S, S) teacher-space images drawn uniformly with replacement from the ``window``
@@ -202,7 +237,10 @@ class ImagePool:
 
     def state(self) -> dict[str, Any]:
         imgs = self.images[:self.size].cpu().clone() if self.images is not None else torch.zeros(0, dtype=torch.uint8)
-        return {"images": imgs, "ptr": self.ptr, "size": self.size, "capacity": self.capacity}
+        out = {"images": imgs, "ptr": self.ptr, "size": self.size, "capacity": self.capacity}
+        if self.labels is not None:
+            out["labels"] = self.labels[:self.size].cpu().clone()
+        return out
 
     def load(self, state: dict[str, Any]) -> None:
         if int(state["size"]) > self.capacity:
@@ -210,11 +248,15 @@ class ImagePool:
                              f"capacity {self.capacity} (method_options pool_size changed?)")
         self.size, self.ptr = int(state["size"]), int(state["ptr"])
         imgs = state["images"]
+        self.labels = None
         if self.size == 0:
             self.images = None
             return
         self.images = torch.zeros((self.capacity, *imgs.shape[1:]), dtype=torch.uint8, device=self.device)
         self.images[:self.size] = imgs.to(self.device)
+        if state.get("labels") is not None:
+            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+            self.labels[:self.size] = state["labels"].to(self.device)
 
 
 # ------------------------------------------------------------------------------------------------

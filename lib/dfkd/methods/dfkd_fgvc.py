@@ -91,7 +91,8 @@ class DFKDFGVC(DistillMethod):
         window = cfg.replay_recent_window or cfg.g_steps * cfg.batch_size * self.world_size
         self.replay = (Replay(max(cfg.replay_size, cfg.batch_size * self.world_size), cfg.output_map, self.device,
                               aug=cfg.replay_aug, pad=cfg.replay_pad, fresh=cfg.replay_fresh,
-                              recent=cfg.replay_recent, window=max(1, window)) if cfg.replay == "pool" else None)
+                              recent=cfg.replay_recent, window=max(1, window), balance=cfg.replay_balance)
+                       if cfg.replay == "pool" else None)
         if cfg.use_sfcl:
             # one projection shared by both networks (a common space, Sec. 4.3); a linear map first
             # brings a student of another width to the teacher's
@@ -183,12 +184,16 @@ class DFKDFGVC(DistillMethod):
         if cfg.bn_momentum > 0:
             bn.update_memory()
         if self.replay is not None:   # every synthesised batch joins the pool (CMI, Fast)
-            self.replay.add(x)
+            # replay_balance: the pool keeps the teacher's argmax of each image, to draw by class
+            balance = cfg.replay_balance > 0
+            self.replay.add(x, t_logits.detach().argmax(1) if balance else None)
             # replay_extra: more samples of the just-updated generator at new noise, without a
             # teacher pass (the pool's teacher labels come at student time; docs/decisions.md#synthesis)
+            # unless replay_balance needs their classes (one no-grad teacher forward per batch)
             for _ in range(cfg.replay_extra):
                 with torch.no_grad(), self.autocast():
-                    self.replay.add(self.generate(cfg.batch_size))
+                    xe = self.generate(cfg.batch_size)
+                    self.replay.add(xe, self.teacher_forward(xe).argmax(1) if balance else None)
         return {"loss": loss, "bn": l_bn, "kd": l_kd, **out}
 
     # ------------------------------------------------------------------ Eq. 11
