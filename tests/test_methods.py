@@ -378,3 +378,38 @@ def test_amp_native_and_channels_last_policy_on_cpu(monkeypatch):
     for adapter, mha in zip(m.adapters, m.mhas):   # NCHW in, NCHW out (an NHWC weight makes NHWC)
         x = torch.randn(2, adapter.in_channels, 4, 4)
         assert adapter(x).is_contiguous() and mha(torch.randn(2, mha.channels, 4, 4)).is_contiguous()
+
+
+def test_mhad_from_distils_only_the_later_stages(monkeypatch):
+    """mhad_from k: MHAD (Eq. 7) gets the stages k.. of both networks with their own adapters and
+    MHAs (the same modules a k = 0 run builds, so the frozen lens of a stage does not depend on k);
+    the skipped stages' adapters get no update. k = 0 (the paper) distils every block."""
+    import dfkd.methods.dfkd_fgvc as fg
+    seen = []
+    real = fg.mhad_loss
+    monkeypatch.setattr(fg, "mhad_loss", lambda tf, sf, ad, mh, **kw: seen.append((tf, sf, ad, mh)) or real(tf, sf, ad, mh, **kw))
+    full = build("dfkd_fgvc")
+    m = build("dfkd_fgvc", mhad_from=1)
+    assert len(m.adapters) == len(full.adapters) == 4
+    for a, b in zip(m.mhas.parameters(), full.mhas.parameters()):
+        assert torch.equal(a, b)
+    before = [params_of(a) for a in m.adapters]
+    x = m.synthesize(m.cfg.batch_size)
+    out = m.train_student_on(x)
+    tf, sf, ad, mh = seen[-1]
+    with torch.no_grad():
+        t = m.teacher.forward_features(x)
+    assert len(tf) == len(sf) == len(ad) == len(mh) == 3
+    assert [f.shape for f in tf] == [f.shape for f in t.stages[1:]]
+    assert all(a is b for a, b in zip(ad, m.adapters[1:])) and all(a is b for a, b in zip(mh, m.mhas[1:]))
+    assert not changed(before[0], m.adapters[0]) and changed(before[1], m.adapters[1])
+    assert out["mhad"] > 0
+    full.train_student_on(x)
+    assert len(seen[-1][0]) == 4                                  # the paper: every block
+    with pytest.raises(ValueError, match="mhad_from"):
+        build("dfkd_fgvc", mhad_from=4)                           # resnet_tiny has 4 stages
+    with pytest.raises(ValueError, match="mhad_from"):
+        build("dfkd_fgvc", mhad_from=1, mhad_mode="penultimate")
+    from dfkd.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="mhad_from"):
+        validate(DistillConfig(mhad_from=-1))

@@ -112,6 +112,7 @@ class DistillConfig(DataConfig):
     mha_order: int = 3                 # R
     mha_mode: str = "frozen"           # frozen | trainable | separate
     mhad_mode: str = "auto"            # auto | stages | penultimate
+    mhad_from: int = 0                 # stages: MHAD on stages mhad_from.. only (0: every block, the paper; 1 skips 32x32 at 32 px)
     sfcl_dim: int = 256
     sfcl_symmetric: bool = False
     use_bn: bool = True                # Table 3 switches
@@ -354,6 +355,9 @@ def validate(cfg) -> None:
     if hasattr(cfg, "replay_recent") and not 0.0 <= cfg.replay_recent <= 1.0 - cfg.replay_fresh:
         raise ConfigError(f"replay_recent must lie in [0, 1 - replay_fresh] (a share of the student batch; "
                           f"replay_fresh is {cfg.replay_fresh}), got {cfg.replay_recent}")
+    if hasattr(cfg, "mhad_from") and cfg.mhad_from < 0:
+        raise ConfigError(f"mhad_from must be >= 0 (the first stage MHAD distils; 0 = every block, the paper), "
+                          f"got {cfg.mhad_from}")
     if hasattr(cfg, "replay_balance") and cfg.replay_balance < 0:
         raise ConfigError(f"replay_balance must be >= 0 (0: uniform pool draws; 1: every class the teacher "
                           f"sees in the pool drawn equally often), got {cfg.replay_balance}")

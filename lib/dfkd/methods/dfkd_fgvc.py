@@ -78,7 +78,13 @@ class DFKDFGVC(DistillMethod):
                                      f"({s.arch}: {len(s.stage_channels)}) as in the teacher "
                                      f"({t.arch}: {len(t.stage_channels)}); use mhad_mode='penultimate'")
                 tc, sc = list(t.stage_channels), list(s.stage_channels)
+                if not 0 <= cfg.mhad_from < len(tc):
+                    raise ValueError(f"mhad_from={cfg.mhad_from} leaves no stage to distil: {t.arch} has "
+                                     f"{len(tc)} stages; use 0..{len(tc) - 1} (0: every block, the paper)")
             else:
+                if cfg.mhad_from != 0:
+                    raise ValueError(f"mhad_from={cfg.mhad_from} needs mhad_mode='stages' (this run distils "
+                                     f"the penultimate features only); set mhad_from=0")
                 tc, sc = [t.feature_dim], [s.feature_dim]
             adapters, mhas, teacher_mhas = build_mhad(tc, sc, order=cfg.mha_order, mode=cfg.mha_mode,
                                                        seed=cfg.seed)
@@ -206,12 +212,15 @@ class DFKDFGVC(DistillMethod):
         out = {"kd": kd_loss(s.logits, t.logits, T=cfg.kd_T, direction=cfg.kd_direction)}
         loss = out["kd"] if cfg.use_kd else out["kd"] * 0
         if cfg.use_mhad:
+            k = cfg.mhad_from   # 0: every block (the paper); k > 0 skips the first k stages (CPU lever)
             if self.mhad_mode == "stages":
-                tf, sf = t.stages, s.stages
+                tf, sf = t.stages[k:], s.stages[k:]
             else:  # penultimate features as (B, D, 1, 1) maps
                 tf, sf = [t.penultimate[:, :, None, None]], [s.penultimate[:, :, None, None]]
-            out["mhad"] = mhad_loss(tf, sf, self.adapters, self.mhas, mode=cfg.mha_mode,
-                                    teacher_mhas=self.teacher_mhas)
+            # every stage's modules are built (the frozen lens of stage m is the same whatever
+            # mhad_from is); the skipped ones get no gradient, so SGD leaves them untouched
+            out["mhad"] = mhad_loss(tf, sf, self.adapters[k:], self.mhas[k:], mode=cfg.mha_mode,
+                                    teacher_mhas=self.teacher_mhas[k:] if self.teacher_mhas is not None else None)
             loss = loss + cfg.beta * out["mhad"]
         if cfg.use_sfcl:
             zt = self.projection(t.penultimate.float())
