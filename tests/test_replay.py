@@ -755,3 +755,14 @@ def test_generator_augmentation_reaches_the_networks_not_the_pool(monkeypatch):
     assert tiny_cfg().g_aug == "none"
     with pytest.raises(ConfigError, match="g_aug"):
         tiny_cfg(g_aug="mixup")
+
+
+def test_balanced_resume_from_a_checkpoint_without_labels_names_the_fix():
+    a = build("dfkd_fgvc", replay="pool", replay_size=64, g_steps=1)
+    with a.generator_phase():
+        a.generator_step()
+    b = build("dfkd_fgvc", replay="pool", replay_size=64, g_steps=1, replay_balance=1.0)
+    b.load_checkpoint_state(a.checkpoint_state())
+    with pytest.raises(ValueError, match="replay_balance=0"):
+        with b.generator_phase():
+            b.generator_step()

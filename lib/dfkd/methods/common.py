@@ -181,8 +181,9 @@ class ImagePool:
             self.images = torch.zeros((self.capacity, *u8.shape[1:]), dtype=torch.uint8, device=self.device)
         if labels is not None and self.labels is None:
             if self.size:
-                raise ValueError("labels can only be kept from the first batch on (this pool already holds "
-                                 "unlabelled images)")
+                raise ValueError("this pool already holds unlabelled images, so it cannot start keeping labels "
+                                 "(a checkpoint written with replay_balance=0?): resume with replay_balance=0 "
+                                 "or start a new run_name")
             self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
         if u8.shape[0] > self.capacity:
             u8 = u8[-self.capacity:]
