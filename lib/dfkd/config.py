@@ -331,6 +331,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# fields that must be >= 0, with what they mean (the error message says it)
+NON_NEGATIVE = {
+    "mhad_from": "the first stage MHAD distils; 0 = every block, the paper",
+    "replay_balance": "0: uniform pool draws; 1: every class the teacher sees in the pool drawn equally often",
+    "replay_recent_window": "images; 0 = one iteration's generator batches",
+    "replay_extra": "extra pool batches per generator step",
+    "g_ce": "weight of the per-sample target cross-entropy with g_conditional",
+    "g_reinit_every": "iterations between generator re-initialisations; 0 = never",
+}
+
+
 def validate(cfg) -> None:
     """Type and range checks that catch typos early (names the field and the accepted values).
     A config built directly (``DistillConfig(use_adv="false")``, not through :func:`collect`) gets
@@ -355,29 +366,15 @@ def validate(cfg) -> None:
     if hasattr(cfg, "replay_recent") and not 0.0 <= cfg.replay_recent <= 1.0 - cfg.replay_fresh:
         raise ConfigError(f"replay_recent must lie in [0, 1 - replay_fresh] (a share of the student batch; "
                           f"replay_fresh is {cfg.replay_fresh}), got {cfg.replay_recent}")
-    if hasattr(cfg, "mhad_from") and cfg.mhad_from < 0:
-        raise ConfigError(f"mhad_from must be >= 0 (the first stage MHAD distils; 0 = every block, the paper), "
-                          f"got {cfg.mhad_from}")
-    if hasattr(cfg, "replay_balance") and cfg.replay_balance < 0:
-        raise ConfigError(f"replay_balance must be >= 0 (0: uniform pool draws; 1: every class the teacher "
-                          f"sees in the pool drawn equally often), got {cfg.replay_balance}")
-    if hasattr(cfg, "replay_recent_window") and cfg.replay_recent_window < 0:
-        raise ConfigError(f"replay_recent_window must be >= 0 (images; 0 = one iteration's generator batches), "
-                          f"got {cfg.replay_recent_window}")
+    for name, meaning in NON_NEGATIVE.items():
+        if hasattr(cfg, name) and getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 ({meaning}), got {getattr(cfg, name)}")
     if hasattr(cfg, "s_warmup") and not 0.0 < cfg.s_warmup < 1.0:
         raise ConfigError(f"s_warmup must lie in (0, 1) (the share of the iterations that warms the "
                           f"student's lr up under s_lr_schedule='onecycle'), got {cfg.s_warmup}")
-    if hasattr(cfg, "replay_extra") and cfg.replay_extra < 0:
-        raise ConfigError(f"replay_extra must be >= 0 (extra pool batches per generator step), got {cfg.replay_extra}")
     if hasattr(cfg, "bn_momentum") and not 0.0 <= cfg.bn_momentum < 1.0:
         raise ConfigError(f"bn_momentum must lie in [0, 1) (the memory's share in the BN prior; 0 = Eq. 3), "
                           f"got {cfg.bn_momentum}")
-    if hasattr(cfg, "g_ce") and cfg.g_ce < 0:
-        raise ConfigError(f"g_ce must be >= 0 (weight of the per-sample target cross-entropy with "
-                          f"g_conditional), got {cfg.g_ce}")
-    if hasattr(cfg, "g_reinit_every") and cfg.g_reinit_every < 0:
-        raise ConfigError(f"g_reinit_every must be >= 0 (iterations between generator re-initialisations; "
-                          f"0 = never), got {cfg.g_reinit_every}")
     if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
         raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
     for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):
