@@ -380,6 +380,46 @@ def test_amp_native_and_channels_last_policy_on_cpu(monkeypatch):
         assert adapter(x).is_contiguous() and mha(torch.randn(2, mha.channels, 4, 4)).is_contiguous()
 
 
+def test_few_channel_batchnorm_computes_in_nchw_on_the_cpu_fast_path():
+    """Under channels_last on a CPU, BN layers with fewer than 16 channels (resnet_tiny_s's first
+    stage) get NCHW input and hand channels_last on; wider ones are left alone; the student's
+    outputs and weight gradients equal those of the same student in NCHW, and the
+    pair alone does not count as a hook that keeps the teacher off its compiled feature pass."""
+    import dfkd.methods.base as base_mod
+    from dfkd.losses import bn_prior
+    m = build("dfkd_fgvc", amp="bf16", channels_last=True)
+    bns = [b for b in m.student.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    few = [b for b in bns if b.num_features < base_mod.NCHW_BN_BELOW]
+    assert few and len(few) < len(bns)
+    seen = {}
+    hooks = [b.register_forward_hook(lambda mod, a, out, b=b: seen.__setitem__(b, (a[0], out))) for b in bns]
+    x = m.synthesize(4).requires_grad_(False)
+    ref = copy.deepcopy(m.student)          # the same weights in NCHW, without the layout pair
+    for b in ref.modules():
+        b._forward_pre_hooks.clear()
+        b._forward_hooks.clear()
+    ref.to(memory_format=torch.contiguous_format)
+    out, out_ref = m.student(x), ref(x.contiguous())   # fp32: the layout, not bf16 rounding, is compared
+    for h in hooks:
+        h.remove()
+    for b in bns:
+        inp, o = seen[b]
+        assert o.is_contiguous(memory_format=torch.channels_last)
+        if b in few:
+            assert inp.is_contiguous() and not inp.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous()
+    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-4)   # summation order only
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (n, p), q in zip(m.student.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3 * q.grad.abs().max().item(), msg=n)
+    assert not base_mod.has_foreign_forward_hooks(m.student)
+    with bn_prior(m.teacher):
+        assert base_mod.has_foreign_forward_hooks(m.teacher)
+    assert not any(b._forward_pre_hooks for b in build("dfkd_fgvc", amp="off", channels_last=True).student.modules())
+
+
 def test_mhad_from_distils_only_the_later_stages(monkeypatch):
     """mhad_from k: MHAD (Eq. 7) gets the stages k.. of both networks with their own adapters and
     MHAs (the same modules a k = 0 run builds, so the frozen lens of a stage does not depend on k);

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import paths, report, tracking
 
 PARTS = {
-    "toy": {"prefix": "laptop_toy80x_m_", "teacher": "laptop_toy_teacher", "supervised": "laptop_toy_student",
+    "toy": {"prefix": "laptop_toy100_m_", "teacher": "laptop_toy_teacher", "supervised": "laptop_toy_student",
             "title": "embedded set, 32 px, 2 CPU cores"},
     "cub": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
             "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores"},

@@ -50,6 +50,47 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+# On a CPU, PyTorch's channels_last BatchNorm kernels vectorise over the channels; with fewer than
+# 16 of them (resnet_tiny_s's first stage has 8) the backward pass is about 8 times slower than the
+# same layer in NCHW (3.2 against 0.4 ms for (32, 8, 32, 32) bf16 here). Such layers compute in NCHW
+# and hand channels_last on: the same arithmetic, one layout copy each way
+# (docs/decisions.md, 'Few-channel BatchNorm in NCHW').
+NCHW_BN_BELOW = 16
+
+
+def _bn_input_nchw(module, args):
+    x = args[0]
+    module._dfkd_from_cl = (x.dim() == 4 and not x.is_contiguous()
+                            and x.is_contiguous(memory_format=torch.channels_last))
+    return (x.contiguous(),) + tuple(args[1:]) if module._dfkd_from_cl else None
+
+
+def _bn_output_channels_last(module, args, out):
+    # only what came in channels_last goes back to it (modules kept in NCHW stay NCHW)
+    return out.contiguous(memory_format=torch.channels_last) if module._dfkd_from_cl else None
+
+
+def nchw_few_channel_batchnorm(module: nn.Module, below: int = NCHW_BN_BELOW) -> int:
+    """Make every BatchNorm2d of ``module`` with fewer than ``below`` channels compute in NCHW
+    (forward pre-hook) and return channels_last (forward hook); idempotent. Returns the number of
+    layers that carry the pair."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features < below:
+            if not getattr(m, "_dfkd_nchw", False):
+                m.register_forward_pre_hook(_bn_input_nchw)
+                m.register_forward_hook(_bn_output_channels_last)
+                m._dfkd_nchw = True
+            n += 1
+    return n
+
+
+def has_foreign_forward_hooks(module: nn.Module) -> bool:
+    """True when a forward hook other than the layout pair above watches ``module`` (the BN prior)."""
+    return any(h is not _bn_output_channels_last
+               for m in module.modules() for h in m._forward_hooks.values())
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -140,6 +181,9 @@ class DistillMethod(nn.Module):
             for name in self.nchw_modules:    # modules whose element-wise work is faster in NCHW
                 if getattr(self, name, None) is not None:
                     getattr(self, name).to(memory_format=torch.contiguous_format)
+            if self.device.type == "cpu":   # few-channel BN layers: NCHW kernels (see above)
+                for m in (self, teacher):
+                    nchw_few_channel_batchnorm(m)
         self.configure_optimizers()   # make_optimizer: gradients averaged over ranks at each step
         if self.world_size > 1:        # identical start on every rank
             dist.broadcast_module(self)
@@ -271,7 +315,7 @@ class DistillMethod(nn.Module):
         self.counters["teacher_forwards"] += int(x.shape[0])
         if features:
             fn = self._teacher_features
-            if fn is not None and not any(m._forward_hooks for m in self.teacher.modules()):
+            if fn is not None and not has_foreign_forward_hooks(self.teacher):
                 return fn(x)    # compiled, only while no hook (BN prior) watches the teacher
             return self.teacher.forward_features(x)
         return self.teacher(x)
