@@ -70,10 +70,11 @@ def _bn_output_channels_last(module, args, out):
     return out.contiguous(memory_format=torch.channels_last) if module._dfkd_from_cl else None
 
 
-def nchw_few_channel_batchnorm(module: nn.Module, below: int = NCHW_BN_BELOW) -> int:
-    """Make every BatchNorm2d of ``module`` with fewer than ``below`` channels compute in NCHW
-    (forward pre-hook) and return channels_last (forward hook); idempotent. Returns the number of
-    layers that carry the pair."""
+def nchw_few_channel_batchnorm(module: nn.Module, below: int | None = None) -> int:
+    """Make every BatchNorm2d of ``module`` with fewer than ``below`` (default ``NCHW_BN_BELOW``;
+    0 turns this off) channels compute in NCHW (forward pre-hook) and return channels_last (forward
+    hook); idempotent. Returns the number of layers that carry the pair."""
+    below = NCHW_BN_BELOW if below is None else below
     n = 0
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features < below:
