@@ -51,7 +51,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 # On a CPU, PyTorch's channels_last BatchNorm kernels vectorise over the channels; with fewer than
-# 16 of them (resnet_tiny_s's first stage has 8) the backward pass is about 8 times slower than the
+# 16 of them (resnet_tiny_s's first stage has 8) forward + backward are about 8 times slower than the
 # same layer in NCHW (3.2 against 0.4 ms for (32, 8, 32, 32) bf16 here). Such layers compute in NCHW
 # and hand channels_last on: the same arithmetic, one layout copy each way
 # (docs/decisions.md, 'Few-channel BatchNorm in NCHW').
