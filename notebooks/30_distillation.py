@@ -56,6 +56,7 @@ block_norm: str = 'bn'                    # bn (DCGAN peers; needed at this budg
 alpha: float = 3.0                        # BN prior weight (paper: 0.3)
 beta: float = 10.0                        # MHAD weight (Eq. 11)
 gamma: float = 1.0                        # SFCL weight (Eq. 11; paper: 8, which swamps KD at this budget)
+mhad_from: int = 1                        # MHAD on stages 1-3 (0: every block, the paper; 20 % off a student step)
 replay: str = 'pool'                      # pool: student steps on a replay pool | off: Algorithm 1 as printed
 replay_size: int = 60000                  # images kept in the pool (90 x 10 x 2 x 32 = 57,600: keep all)
 replay_pad: float = 0.25                  # pool crops shift by up to 0.25 x the side (8 px; CIFAR's 4 px: 0.125)
