@@ -25,8 +25,8 @@
 # %% tags=["parameters"]
 # What a person sets here; every other field of dfkd.config.DistillConfig (use_bn, mha_order, kd_T,
 # replay_size, ...) may be added as a line too (or set by a batch job) and keeps its default otherwise.
-# The defaults (params/demo/distill.yaml) distil from notebook 10's teacher in about 7 minutes on one
-# CPU core: 71.7 % student top-1 from a 93.8 % teacher (seed 0, chance 10 %; make demo, 2026-12-06).
+# The defaults (params/demo/distill.yaml) distil from notebook 10's teacher in about 5 minutes on one
+# CPU core: 70.3 % student top-1 from a 93.8 % teacher (seed 0, chance 10 %; make demo, 2026-12-06).
 # --- what to run
 run_name: str = 'distill_dev'             # runs/distill/<run_name>/ (the same name resumes a killed run)
 teacher_run: str = 'teacher_dev'          # runs/teacher/<teacher_run>/: notebook 10's run_name; "" = random teacher (smoke only)
