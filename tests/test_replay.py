@@ -766,3 +766,29 @@ def test_balanced_resume_from_a_checkpoint_without_labels_names_the_fix():
     with pytest.raises(ValueError, match="replay_balance=0"):
         with b.generator_phase():
             b.generator_step()
+
+
+def test_first_bn_multiplier_in_dfkd_fgvc(monkeypatch):
+    """bn_first_mul w (DeepInversion's first-layer multiplier, 1 by default): the generator step's BN
+    term is w x the teacher's first BN layer's Eq. 3 term plus the other layers' terms, and that
+    term is what the generator's loss carries (alpha x L_BN)."""
+    import dfkd.methods.dfkd_fgvc as fgvc
+    priors = []
+
+    def spy(*a, **k):
+        priors.append(bn_prior(*a, **k))
+        return priors[-1]
+
+    monkeypatch.setattr(fgvc, "bn_prior", spy)
+    got = {}
+    for w in (1.0, 10.0):
+        m = build("dfkd_fgvc", bn_first_mul=w)
+        torch.manual_seed(5)
+        with m.generator_phase():
+            got[w] = m.generator_step()["bn"].detach()
+        terms = [t.detach() for t in priors[-1].per_layer()]
+        assert len(terms) == sum(isinstance(x, nn.BatchNorm2d) for x in m.teacher.modules()) > 1
+        assert got[w].item() == pytest.approx(w * terms[0].item() + sum(t.item() for t in terms[1:]), rel=1e-5)
+    assert got[10.0].item() > got[1.0].item()
+    with pytest.raises(ConfigError, match="bn_first_mul"):
+        DistillConfig(bn_first_mul=-1.0)

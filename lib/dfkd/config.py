@@ -53,6 +53,8 @@ class TeacherConfig(DataConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    adv_eps: float = 0.0               # L2 radius of adversarial training in the normalised input (0: standard; dfkd.robustness)
+    adv_steps: int = 3                 # gradient steps of that attack per training step
     schedule: str = "onecycle"         # onecycle | cosine
     warmup_epochs: int = 0
     seed: int = 0
@@ -136,6 +138,7 @@ class DistillConfig(DataConfig):
     g_adv: float = 1.0                 # weight of the adversarial -L_KD in Eq. 10 (the paper: 1)
     g_div: float = 0.0                 # generator: MSGAN's mode-seeking term over the batch's two halves
     bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
+    bn_first_mul: float = 1.0          # dfkd_fgvc: the first BN layer's Eq. 3 term times this (DeepInversion: 10; 1: Eq. 3)
     g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
     g_conditional: bool = False        # class-conditional generator: per-sample target labels (label embedding added to the noise)
     g_ce: float = 1.0                  # with g_conditional: weight of the teacher's CE to each sample's target
@@ -337,8 +340,10 @@ NON_NEGATIVE = {
     "replay_balance": "0: uniform pool draws; 1: every class the teacher sees in the pool drawn equally often",
     "replay_recent_window": "images; 0 = one iteration's generator batches",
     "replay_extra": "extra pool batches per generator step",
+    "bn_first_mul": "weight of the teacher's first BN layer in the BN prior; 1 = Eq. 3, DeepInversion uses 10",
     "g_ce": "weight of the per-sample target cross-entropy with g_conditional",
     "g_reinit_every": "iterations between generator re-initialisations; 0 = never",
+    "adv_eps": "L2 radius of the teacher's adversarial training in the normalised input; 0 = standard training",
 }
 
 
@@ -375,6 +380,8 @@ def validate(cfg) -> None:
     if hasattr(cfg, "bn_momentum") and not 0.0 <= cfg.bn_momentum < 1.0:
         raise ConfigError(f"bn_momentum must lie in [0, 1) (the memory's share in the BN prior; 0 = Eq. 3), "
                           f"got {cfg.bn_momentum}")
+    if hasattr(cfg, "adv_steps") and cfg.adv_steps < 1:
+        raise ConfigError(f"adv_steps must be >= 1 (gradient steps of the teacher's adversarial training), got {cfg.adv_steps}")
     if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
         raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
     for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):

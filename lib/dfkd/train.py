@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import dist
+from . import robustness
 from .config import DistillConfig, TeacherConfig, to_dict
 from .losses import check_finite
 from .methods import create_method
@@ -256,6 +257,8 @@ def train_teacher(cfg: TeacherConfig, run: Run, *, progress: bool = True,
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, cfg.amp):
+                if cfg.adv_eps > 0:   # adversarial training: the step sees the attacked batch (dfkd.robustness)
+                    x = robustness.l2_pgd(model, x, cfg.adv_eps, cfg.adv_steps)
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)

@@ -165,7 +165,8 @@ class DFKDFGVC(DistillMethod):
             # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
             # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
             xa = augment(x, cfg.g_aug)
-            with bn_prior(self.teacher, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
+            # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, 'The first BN layer')
+            with bn_prior(self.teacher, cfg.bn_first_mul, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
                           memory=self.bn_memory) as bn:
                 t_logits = self.teacher_forward(xa)
             s_logits = self.student(xa)
