@@ -165,7 +165,7 @@ class DFKDFGVC(DistillMethod):
             # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
             # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
             xa = augment(x, cfg.g_aug)
-            # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, 'The first BN layer')
+            # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, seventh session of 2026-12-06)
             with bn_prior(self.teacher, cfg.bn_first_mul, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
                           memory=self.bn_memory) as bn:
                 t_logits = self.teacher_forward(xa)
