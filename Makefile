@@ -27,7 +27,7 @@ lab: $(STAMP)     ## JupyterLab on http://127.0.0.1:8888 (LAB_PORT=...), project
 	$(PY) -m dfkd.lab $(LAB_ARGS)
 
 test: $(STAMP)    ## the whole suite (notebooks included), in TEST_JOBS pytest-xdist workers (a test file each)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not notebooks"

@@ -18,8 +18,13 @@ from pathlib import Path
 from . import paths, report, tracking
 
 PARTS = {
-    "toy": {"prefix": "laptop_toy100_m_", "teacher": "laptop_toy_teacher", "supervised": "laptop_toy_student",
-            "title": "embedded set, 32 px, 2 CPU cores"},
+    # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
+    # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
+    "toy": {"prefix": "laptop_toy100r_m_", "teacher": "laptop_toy_teacher_r", "supervised": "laptop_toy_student",
+            "title": "embedded set, 32 px, 2 CPU cores, robust teacher"},
+    "toy_standard": {"prefix": "laptop_toy100_m_", "teacher": "laptop_toy_teacher",
+                     "supervised": "laptop_toy_student",
+                     "title": "embedded set, 32 px, 2 CPU cores, standard teacher (before 2026-12-06, eighth)"},
     "cub": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
             "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores"},
 }

@@ -1,0 +1,67 @@
+"""The laptop protocol's report (dfkd.protocol) reads the runs batches/laptop.yaml writes.
+
+The run names live in two places (the manifest and ``dfkd.protocol.PARTS``); when the embedded
+teacher changed in 2026-12-06's eighth session both had to move together. These tests fail when
+one moves without the other, and check that a part's table is built from its own runs only.
+"""
+from __future__ import annotations
+
+import json
+
+from dfkd import batch, paths, protocol
+
+ROOT = paths.project_root()
+CURRENT = ("toy", "cub")   # parts the manifest runs today; the others table older runs
+
+
+def _jobs():
+    return batch.resolve_jobs(ROOT / "batches" / "laptop.yaml")
+
+
+def test_each_current_part_names_the_manifests_runs():
+    jobs = _jobs()
+    teachers = {j.run_name for j in jobs if j.stage == "teacher"}
+    for part in CURRENT:
+        spec = protocol.PARTS[part]
+        assert spec["teacher"] in teachers and spec["supervised"] in teachers, part
+        distill = [j for j in jobs if j.stage == "distill" and j.run_name.startswith(spec["prefix"])]
+        assert distill, f"no job of batches/laptop.yaml writes {spec['prefix']}*"
+        assert {j.params["teacher_run"] for j in distill} == {spec["teacher"]}, part
+        assert {"dfkd_fgvc", "fast", "dfq"} <= {j.params["method"] for j in distill}, part
+
+
+def test_the_embedded_teacher_is_robust_and_the_supervised_student_is_not():
+    """The protocol's embedded teacher is adversarially trained; Table 1's second row (the student on
+    the real images) keeps standard training, the stronger reference."""
+    by_run = {j.run_name: j for j in _jobs()}
+    spec = protocol.PARTS["toy"]
+    assert by_run[spec["teacher"]].params["adv_eps"] > 0
+    assert by_run[spec["supervised"]].params.get("adv_eps", 0.0) == 0.0
+
+
+def test_parts_prefixes_do_not_overlap():
+    prefixes = [s["prefix"] for s in protocol.PARTS.values()]
+    for a in prefixes:
+        assert not [b for b in prefixes if b != a and b.startswith(a)], a
+
+
+def test_write_part_tables_only_its_own_runs(tmp_path):
+    """Two finished runs under different parts' prefixes: each part's table names only its own."""
+    def fake(stage, name, summary, params):
+        d = tmp_path / stage / name
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "params.yaml").write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
+        (d / "metrics.csv").write_text("epoch,time_s,test_top1\n0,1.0,10.0\n1,2.0,20.0\n")
+        return d
+    fake("teacher", "laptop_toy_teacher_r", {"top1_last": 93.0}, {"arch": "resnet_tiny_t"})
+    fake("teacher", "laptop_toy_student", {"top1_last": 92.0}, {"arch": "resnet_tiny_s"})
+    for name, acc in (("laptop_toy100r_m_dfkd_fgvc_s0", 77.7), ("laptop_toy100_m_dfkd_fgvc_s0", 66.6)):
+        fake("distill", name, {"student_top1_last": acc, "student_top1_best": acc, "method": "dfkd_fgvc",
+                               "chance_top1": 10.0, "time_s": 2.0}, {"method": "dfkd_fgvc", "seed": 0})
+    out = tmp_path / "fig"
+    written = protocol.write_part("toy", out, runs_root=tmp_path)
+    assert [p.name for p in written] == ["laptop_toy_table.md", "laptop_toy_curves.png"]
+    table = (out / "laptop_toy_table.md").read_text()
+    assert "77.7" in table and "66.6" not in table
+    assert "93.0" in table
