@@ -9,7 +9,9 @@ Modes (``all`` runs the five in turn, in one launch):
   under ``OUT/runs/distill`` (only rank 0 may write it); summary to ``OUT/distill_rank<r>.pt``.
 - ``teacher OUT``: ``train.train_teacher`` on the toy dataset, 2 steps of batch 16, once with the
   images preloaded (global batch augmented alike, sliced per rank) and once through DataLoaders
-  (each rank loads its rows); summaries and weights to ``OUT/teacher_<preload>_rank<r>.pt``.
+  (each rank loads its rows), and once preloaded with adversarial training (``adv_eps`` 1, whose
+  attack runs forwards and input gradients through the synchronised BN layers); summaries to
+  ``OUT/teacher_<preload>[_adv]_rank<r>.pt``.
 - ``methods OUT``: every registered method with its defaults (and the :data:`VARIANTS`), tiny,
   2 iterations of (2 G + 2 S) steps on the global batch 8; per-iteration losses, the final
   checkpoint state (modules, optimisers, pools, banks, a batch in progress) and the RNG to
@@ -70,10 +72,11 @@ def distill_cfg():
                          batch_size=8, nz=32, ngf=8, sfcl_dim=16, test_batch_size=16, **TOY)
 
 
-def teacher_cfg(preload: str):
+def teacher_cfg(preload: str, adv_eps: float = 0.0):
     from dfkd.config import TeacherConfig
-    return TeacherConfig(run_name=f"ddp_teacher_{preload}", arch="resnet_tiny_t", epochs=1, batch_size=16,
-                         max_steps_per_epoch=2, gpu_preload=preload, **TOY)
+    name = f"ddp_teacher_{preload}" + ("_adv" if adv_eps else "")
+    return TeacherConfig(run_name=name, arch="resnet_tiny_t", epochs=1, batch_size=16,
+                         max_steps_per_epoch=2, gpu_preload=preload, adv_eps=adv_eps, adv_steps=2, **TOY)
 
 
 def run_distill(out: Path) -> dict:
@@ -88,12 +91,13 @@ def run_distill(out: Path) -> dict:
 
 def run_teacher(out: Path) -> None:
     from dfkd import tracking, train
-    for preload in ("on", "off"):
-        cfg = teacher_cfg(preload)
+    for preload, adv_eps in (("on", 0.0), ("off", 0.0), ("on", 1.0)):   # the last: adversarial training
+        cfg = teacher_cfg(preload, adv_eps)
         run = tracking.start_run("teacher", cfg.run_name, cfg, runs_root=out / "runs", write=dist.is_main())
         dist.barrier()
         summary = train.train_teacher(cfg, run, progress=False)
-        torch.save({"summary": summary}, out / f"teacher_{preload}_rank{dist.rank()}.pt")
+        tag = preload + ("_adv" if adv_eps else "")
+        torch.save({"summary": summary}, out / f"teacher_{tag}_rank{dist.rank()}.pt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,6 +216,22 @@ def test_teacher_under_torchrun(ddp, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_adversarial_teacher_under_torchrun(ddp):
+    """adv_eps > 0 on 2 ranks: the attack's forwards and input gradients pass the synchronised BN
+    layers alike on both ranks (no hang, the same reduced summary), and the steps train on attacked
+    batches (another loss and other weights than the clean run from the same weights and batches;
+    the attack's labels are the model's own predictions, so the loss on the true labels need not rise)."""
+    s0 = _load(ddp / "teacher_on_adv_rank0.pt")["summary"]
+    s1 = _load(ddp / "teacher_on_adv_rank1.pt")["summary"]
+    assert {k: v for k, v in s0.items() if k != "time_s"} == {k: v for k, v in s1.items() if k != "time_s"}
+    clean = tracking.Run(ddp / "runs" / "teacher" / "ddp_teacher_on").metrics()[0]
+    adv = tracking.Run(ddp / "runs" / "teacher" / "ddp_teacher_on_adv").metrics()[0]
+    assert math.isfinite(adv["train_loss"]) and abs(adv["train_loss"] - clean["train_loss"]) > 1e-4
+    wa, _ = tracking.load_weights(ddp / "runs" / "teacher" / "ddp_teacher_on" / "weights" / "last.safetensors")
+    wb, _ = tracking.load_weights(ddp / "runs" / "teacher" / "ddp_teacher_on_adv" / "weights" / "last.safetensors")
+    assert any(not torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
 # --------------------------------------------------------------------------------------------
 # every method: 2 ranks against one process; pool methods killed and resumed under torchrun
 # --------------------------------------------------------------------------------------------
