@@ -96,7 +96,7 @@ def run_teacher(out: Path) -> None:
         run = tracking.start_run("teacher", cfg.run_name, cfg, runs_root=out / "runs", write=dist.is_main())
         dist.barrier()
         summary = train.train_teacher(cfg, run, progress=False)
-        tag = preload + ("_adv" if adv_eps else "")
+        tag = cfg.run_name.removeprefix("ddp_teacher_")   # on, off, on_adv
         torch.save({"summary": summary}, out / f"teacher_{tag}_rank{dist.rank()}.pt")
 
 

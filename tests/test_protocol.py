@@ -55,6 +55,7 @@ def test_write_part_tables_only_its_own_runs(tmp_path):
         (d / "metrics.csv").write_text("epoch,time_s,test_top1\n0,1.0,10.0\n1,2.0,20.0\n")
         return d
     fake("teacher", "laptop_toy_teacher_r", {"top1_last": 93.0}, {"arch": "resnet_tiny_t"})
+    fake("teacher", "laptop_toy_teacher", {"top1_last": 97.0}, {"arch": "resnet_tiny_t"})
     fake("teacher", "laptop_toy_student", {"top1_last": 92.0}, {"arch": "resnet_tiny_s"})
     for name, acc in (("laptop_toy100r_m_dfkd_fgvc_s0", 77.7), ("laptop_toy100_m_dfkd_fgvc_s0", 66.6)):
         fake("distill", name, {"student_top1_last": acc, "student_top1_best": acc, "method": "dfkd_fgvc",
@@ -64,4 +65,7 @@ def test_write_part_tables_only_its_own_runs(tmp_path):
     assert [p.name for p in written] == ["laptop_toy_table.md", "laptop_toy_curves.png"]
     table = (out / "laptop_toy_table.md").read_text()
     assert "77.7" in table and "66.6" not in table
-    assert "93.0" in table
+    assert "93.0" in table and "97.0" not in table
+    protocol.write_part("toy_standard", out, runs_root=tmp_path)
+    table = (out / "laptop_toy_standard_table.md").read_text()
+    assert "66.6" in table and "77.7" not in table and "97.0" in table
