@@ -6,9 +6,7 @@ one moves without the other, and check that a part's table is built from its own
 """
 from __future__ import annotations
 
-import json
-
-from dfkd import batch, paths, protocol
+from dfkd import batch, paths, protocol, tracking
 
 ROOT = paths.project_root()
 CURRENT = ("toy", "cub")   # parts the manifest runs today; the others table older runs
@@ -48,12 +46,10 @@ def test_parts_prefixes_do_not_overlap():
 def test_write_part_tables_only_its_own_runs(tmp_path):
     """Two finished runs under different parts' prefixes: each part's table names only its own."""
     def fake(stage, name, summary, params):
-        d = tmp_path / stage / name
-        d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps(summary))
-        (d / "params.yaml").write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
-        (d / "metrics.csv").write_text("epoch,time_s,test_top1\n0,1.0,10.0\n1,2.0,20.0\n")
-        return d
+        run = tracking.start_run(stage, name, params, runs_root=tmp_path)
+        for epoch, (t, acc) in enumerate(((1.0, 10.0), (2.0, 20.0))):
+            run.log({"epoch": epoch, "time_s": t, "test_top1": acc})
+        run.finish(summary)
     fake("teacher", "laptop_toy_teacher_r", {"top1_last": 93.0}, {"arch": "resnet_tiny_t"})
     fake("teacher", "laptop_toy_teacher", {"top1_last": 97.0}, {"arch": "resnet_tiny_t"})
     fake("teacher", "laptop_toy_student", {"top1_last": 92.0}, {"arch": "resnet_tiny_s"})

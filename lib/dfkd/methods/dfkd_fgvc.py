@@ -166,8 +166,8 @@ class DFKDFGVC(DistillMethod):
             # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
             xa = augment(x, cfg.g_aug)
             # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, seventh session of 2026-12-06)
-            with bn_prior(self.teacher, cfg.bn_first_mul, reduce=self.stat_reduce, momentum=cfg.bn_momentum,
-                          memory=self.bn_memory) as bn:
+            with bn_prior(self.teacher, first_bn_multiplier=cfg.bn_first_mul, reduce=self.stat_reduce,
+                          momentum=cfg.bn_momentum, memory=self.bn_memory) as bn:
                 t_logits = self.teacher_forward(xa)
             s_logits = self.student(xa)
             l_bn = bn.loss()
