@@ -119,10 +119,13 @@ def environment(device: str | torch.device | None = None) -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_count"] = torch.cuda.device_count()
-    for mod in ("pytorch_grad_cam", "papermill", "sklearn"):
+    # versions from the installed distributions' metadata: importing the packages to read
+    # __version__ cost about 5 s per process (papermill's jsonschema builds grammars at import)
+    from importlib import metadata
+    for key, dist_name in (("pytorch_grad_cam", "grad-cam"), ("papermill", "papermill"), ("sklearn", "scikit-learn")):
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[key] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
             pass
     return env
 
