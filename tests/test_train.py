@@ -6,14 +6,17 @@ teacher of the CPU smoke distillation that must lift the student well above chan
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dfkd import tracking
 from dfkd.config import DistillConfig, TeacherConfig
 from dfkd.train import distill, evaluate, eval_loader, load_teacher, train_teacher
 
+ROOT = Path(__file__).resolve().parents[1]
 TOY = dict(dataset="toy_fgvc", image_size=32, toy_num_classes=10, toy_train_per_class=60,
            toy_test_per_class=30, device="cpu", num_workers=0)
 
@@ -121,13 +124,14 @@ def _distill_cfg(teacher_run, **kw):
 def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeypatch):
     root, tcfg, tsum = toy_teacher
     monkeypatch.setenv("DFKD_RUNS", str(root))
-    # the demo recipe (params/demo/distill.yaml: keep-all replay pool with one extra no-grad batch per
-    # G step and 8 px crop shifts, alpha 3, DFQ's class-coverage terms, no SAM term, MHAD on stages
-    # 1-3, SFCL weight 1, the student's cosine per iteration) in fp32 at a third of its iterations:
-    # 30 x (10 G + 25 S) = 300 generator, 750 student steps
-    cfg = _distill_cfg(tcfg.run_name, run_name="smoke", s_steps=25, epochs=6, iters_per_epoch=5, alpha=3.0,
-                       replay="pool", replay_size=20000, replay_extra=1, replay_pad=0.25, lam=0.0, g_oh=1.0,
-                       g_balance=5.0, mhad_from=1, gamma=1.0, s_lr_schedule="iter")
+    # the demo recipe, read from params/demo/distill.yaml (keep-all replay pool with one extra no-grad
+    # batch per G step and 8 px crop shifts, alpha 3, DFQ's class-coverage terms, no SAM term, MHAD on
+    # stages 1-3, SFCL weight 1, the student's cosine per iteration), in fp32 on this file's 300 test
+    # images, at a third of its iterations: 30 x (10 G + 25 S) = 300 generator, 750 student steps
+    recipe = yaml.safe_load((ROOT / "params/demo/distill.yaml").read_text())
+    recipe.update(TOY, method="dfkd_fgvc", teacher_run=tcfg.run_name, run_name="smoke", epochs=6,
+                  iters_per_epoch=5, replay_size=20000, amp="auto")
+    cfg = DistillConfig(**recipe)
     summary = distill(cfg, tracking.start_run("distill", "smoke", cfg), progress=False)
     chance = 100.0 / tcfg.toy_num_classes
     # measured on the real (toy) test images, never on the generator's. A student that learns
