@@ -25,8 +25,12 @@ PARTS = {
     "toy_standard": {"prefix": "laptop_toy100_m_", "teacher": "laptop_toy_teacher",
                      "supervised": "laptop_toy_student",
                      "title": "embedded set, 32 px, 2 CPU cores, standard teacher (before 2026-12-06, eighth)"},
-    "cub": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
-            "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores"},
+    # since 2026-12-07's tenth session the CUB teacher is adversarially fine-tuned (adv_eps 1.0, one
+    # step) and the generator has ngf 16 and 6 steps per iteration; the earlier runs: part cub_standard
+    "cub": {"prefix": "laptop_cub16r_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
+            "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, robust teacher"},
+    "cub_standard": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
+                     "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, standard teacher (before 2026-12-07, tenth)"},
 }
 
 
