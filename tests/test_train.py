@@ -6,17 +6,14 @@ teacher of the CPU smoke distillation that must lift the student well above chan
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from dfkd import tracking
+from dfkd import batch, paths, tracking
 from dfkd.config import DistillConfig, TeacherConfig
 from dfkd.train import distill, evaluate, eval_loader, load_teacher, train_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
 TOY = dict(dataset="toy_fgvc", image_size=32, toy_num_classes=10, toy_train_per_class=60,
            toy_test_per_class=30, device="cpu", num_workers=0)
 
@@ -128,7 +125,7 @@ def test_smoke_distillation_lifts_student_well_above_chance(toy_teacher, monkeyp
     # batch per G step and 8 px crop shifts, alpha 3, DFQ's class-coverage terms, no SAM term, MHAD on
     # stages 1-3, SFCL weight 1, the student's cosine per iteration), in fp32 on this file's 300 test
     # images, at a third of its iterations: 30 x (10 G + 25 S) = 300 generator, 750 student steps
-    recipe = yaml.safe_load((ROOT / "params/demo/distill.yaml").read_text())
+    recipe = batch.load_yaml(paths.project_root() / "params/demo/distill.yaml")
     recipe.update(TOY, method="dfkd_fgvc", teacher_run=tcfg.run_name, run_name="smoke", epochs=6,
                   iters_per_epoch=5, replay_size=20000, amp="auto")
     cfg = DistillConfig(**recipe)
