@@ -51,7 +51,9 @@ if plot:
 out = runs / stage / run_name
 out.mkdir(parents=True, exist_ok=True)
 env = {k: os.environ.get(k) for k in ("DFKD_RUNS", "TQDM_DISABLE", "MPLBACKEND", "DFKD_FIGURES")}
+from ipykernel.connect import get_connection_info
 (out / "summary.json").write_text(json.dumps({
+    "kernel": {k: get_connection_info(unpack=True)[k] for k in ("transport", "ip")},
     "params": {"seed": seed, "lr": lr, "tag": tag, "flag": flag},
     "types": {"lr": type(lr).__name__, "seed": type(seed).__name__},
     "env": env, "cwd": os.getcwd()}))
@@ -292,6 +294,9 @@ def test_batch_failure_blocking_resume_and_force(tmp_path):
     assert summary["types"] == {"lr": "float", "seed": "int"} and summary["params"]["lr"] == 2.0
     assert summary["env"]["DFKD_RUNS"] == str(runs.resolve()) and summary["env"]["TQDM_DISABLE"] == "1"
     assert summary["cwd"] == str(root.resolve())
+    if os.name != "nt":  # Unix sockets in the job's own temp folder: no TCP port race between kernels
+        assert summary["kernel"]["transport"] == "ipc", summary["kernel"]
+        assert Path(summary["kernel"]["ip"]).parent.name.startswith("dfkd-batch-"), summary["kernel"]
     nb = json.loads((third / "executed.ipynb").read_text())
     assert nb["metadata"]["papermill"]["input_path"] == "notebooks/ok.py"
     tags = [c["metadata"].get("tags", []) for c in nb["cells"]]

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from dfkd import lab, lab_contents, paths
+from dfkd import batch, lab, lab_contents, paths
 
 ROOT = paths.project_root()
 NOTEBOOK = "notebooks/00_overview.py"
@@ -27,10 +27,14 @@ def test_make_lab_config_selects_the_contents_manager():
     assert hasattr(lab_contents.LabContentsManager, "formats")   # jupytext's extension keeps it as is
 
 
-def test_served_language_info_is_what_the_kernel_reports():
-    from jupyter_client.manager import start_new_kernel
-    km, kc = start_new_kernel(kernel_name="python3")
+def test_served_language_info_is_what_the_kernel_reports(tmp_path):
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name="python3", config=batch.kernel_config(tmp_path))  # no port race
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
     try:
+        kc.wait_for_ready(timeout=60)
         reply = kc.kernel_info(reply=True, timeout=60)
     finally:
         kc.stop_channels()

@@ -100,7 +100,8 @@ def test_notebook_rejects_a_method_options_typo_before_running(tmp_path):
             papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                        parameters={"method": "cmi", "method_options": {"tua": 0.2},
                                                    "teacher_run": "", "run_name": "typo"},
-                                       cwd=str(ROOT), progress_bar=False, execution_timeout=120)
+                                       cwd=str(ROOT), progress_bar=False, execution_timeout=120,
+                                       config=batch.kernel_config(tmp_path))
     assert e.value.ename == "ConfigError", e.value.ename
     assert "'tua'" in e.value.evalue and "'cmi'" in e.value.evalue and "bank_size" in e.value.evalue
     assert not (runs / "distill" / "typo").exists()

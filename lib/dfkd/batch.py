@@ -627,7 +627,7 @@ def _run_locked(job: ResolvedJob, run_dir: Path, runs_root: Path, *, force: bool
                     papermill.execute_notebook(
                         str(src), str(output), parameters=job.params, kernel_name="python3",
                         language="python", cwd=str(job.root), log_output=False, progress_bar=False,
-                        execution_timeout=job.timeout)
+                        execution_timeout=job.timeout, config=kernel_config(Path(tmp)))
             except Exception as e:  # KeyboardInterrupt propagates: the run stays "interrupted"
                 error = _error_text(e)
             _record_source(output, job)
@@ -644,6 +644,21 @@ def _run_locked(job: ResolvedJob, run_dir: Path, runs_root: Path, *, force: bool
         log(f"  {job.name}: FAILED ({error.splitlines()[0]}); see {run_dir / 'FAILED'} and {output}")
         return FAILED
     return DONE
+
+
+def kernel_config(socket_dir: Path):
+    """The kernel's transport: Unix sockets in ``socket_dir`` (POSIX), TCP elsewhere.
+
+    Over TCP, jupyter_client picks five free ports, closes them and hands them to the kernel; a
+    kernel started in that gap by another process (two jobs of ``--executor local:2``, a Jupyter
+    server, pytest-xdist's workers) can take one, and the first kernel dies with "Kernel died
+    before replying to kernel_info" (CI of 2026-12-07, the smoke batch's ``zskt`` job). Sockets in
+    a folder of the job's own cannot collide. Windows has no IPC transport in zmq: TCP there.
+    """
+    from traitlets.config import Config
+    if os.name == "nt":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(socket_dir / "kernel")}})
 
 
 def torchrun_command(job: ResolvedJob, params_file: Path, runs_root: Path) -> list[str]:
