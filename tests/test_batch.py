@@ -334,3 +334,12 @@ def test_only_takes_a_comma_list_and_accepts_needs_made_in_the_batch(tmp_path):
     with pytest.raises(batch.BatchError, match="teacher/g2_s3"):
         batch.run_batch(root / "batches" / "b.yaml", only="a[tag=g1],b", runs_root=tmp_path / "runs", root=root,
                         dry_run=True, log=lambda m: None)
+
+
+def test_kernel_config_uses_unix_sockets_unless_the_path_is_too_long(tmp_path):
+    short = batch.kernel_config(tmp_path)
+    if os.name != "nt":
+        assert short.KernelManager.transport == "ipc"
+        assert short.KernelManager.ip == str(tmp_path.resolve() / "kernel")
+    long_dir = tmp_path / ("d" * 120)  # a socket address holds 107 bytes: TCP, not a dead kernel
+    assert "KernelManager" not in batch.kernel_config(long_dir)

@@ -100,8 +100,7 @@ def jupyterlab(tmp_path_factory, lab_runs):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     port, token = _free_port(), secrets.token_hex(16)
     cmd = lab.lab_command(root=ROOT, port=port, token=token, open_browser=False,
-                          extra=["--ServerApp.port_retries=0",
-                                 "--KernelManager.transport=ipc"])  # no TCP port race with other tests
+                          extra=["--ServerApp.port_retries=0"])
     log_path = tmp / "lab.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

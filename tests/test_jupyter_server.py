@@ -97,8 +97,7 @@ def server():
     log = open(tmp / "server.log", "wb")
     cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={port}",
            "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={ROOT}",
-           "--KernelManager.transport=ipc"]  # kernels on Unix sockets: no TCP port race with other tests
+           f"--ServerApp.root_dir={ROOT}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # containers / CI run as root
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

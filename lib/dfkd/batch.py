@@ -653,12 +653,16 @@ def kernel_config(socket_dir: Path):
     kernel started in that gap by another process (two jobs of ``--executor local:2``, a Jupyter
     server, pytest-xdist's workers) can take one, and the first kernel dies with "Kernel died
     before replying to kernel_info" (CI of 2026-12-07, the smoke batch's ``zskt`` job). Sockets in
-    a folder of the job's own cannot collide. Windows has no IPC transport in zmq: TCP there.
+    a folder of the job's own cannot collide. TCP where that cannot work: on Windows (no IPC
+    transport in zmq) and where the folder's path is too long for a Unix socket's address (107
+    bytes on Linux; the kernel would die binding ``<folder>/kernel-<n>``).
     """
+    import zmq
     from traitlets.config import Config
-    if os.name == "nt":
+    prefix = str(Path(socket_dir).resolve() / "kernel")
+    if os.name == "nt" or len(os.fsencode(prefix)) + 4 > getattr(zmq, "IPC_PATH_MAX_LEN", 103):
         return Config()
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(socket_dir / "kernel")}})
+    return Config({"KernelManager": {"transport": "ipc", "ip": prefix}})
 
 
 def torchrun_command(job: ResolvedJob, params_file: Path, runs_root: Path) -> list[str]:
