@@ -135,6 +135,24 @@ def test_local_n_gives_each_job_its_own_gpus(tmp_path):
         executors.run_pool(jobs, 2, runs_root=tmp_path / "runs", gpus=["0"])
 
 
+def test_local_n_runs_an_alone_job_with_nothing_beside_it_on_every_core(tmp_path):
+    # b starts; a (alone) waits for b to finish, c (after a in the manifest) waits for a
+    manifest = "jobs:\n" + _job("b", "b", sleep=1) + _job("a", "a", sleep=1) + "    alone: true\n" + _job(
+        "c", "c", sleep=1)
+    root = _project(tmp_path, manifest)
+    jobs = batch.resolve_jobs(root / "batches" / "b.yaml", root=root)
+    assert [j.alone for j in jobs] == [False, True, False]
+    status, _ = executors.run_pool(jobs, 2, runs_root=tmp_path / "runs", gpus=[], cores=4)
+    assert status == {"a": "done", "b": "done", "c": "done"}
+    s = {k.split("/")[1]: v for k, v in _summaries(tmp_path / "runs").items()}
+    assert s["a"]["omp"] == "4" and s["b"]["omp"] == "2"   # b started beside a runnable c
+    assert s["a"]["span"][0] > s["b"]["span"][1] and s["c"]["span"][0] > s["a"]["span"][1]
+    bad = root / "batches" / "bad.yaml"
+    bad.write_text(manifest.replace("alone: true", "alone: yes please"))
+    with pytest.raises(batch.BatchError, match="`alone` is true or false"):
+        batch.load_manifest(bad)
+
+
 @pytest.mark.timeout(120)
 def test_local_n_runs_an_only_selection_whose_needs_finished_in_an_earlier_batch(tmp_path):
     # `--only b --executor local:2` once a (which b needs) finished in an earlier batch: b starts

@@ -20,6 +20,7 @@ Manifest (``docs/decisions.md#batch`` has the full schema)::
         timeout: 3600                      # optional, seconds per cell
         resources: {gpus: 1, cpus: 8, time: "4:00:00", mem: 32G, partition: gpu}  # optional
         torchrun: 4                        # optional: run with torchrun -m dfkd.launch, 4 processes
+        alone: true                        # optional: under --executor local:N nothing runs beside it
 
 Layering (later wins): notebook defaults < params/base.yaml < job files < ``set`` < grid values
 < params/smoke.yaml (``--smoke``) < ``--set``. ``run_name`` is always injected from ``run``
@@ -66,7 +67,7 @@ SMOKE_CELL_TIMEOUT = 300  # s per cell when --smoke and the job gives none: CI m
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 _log = partial(print, flush=True)  # progress lines interleave correctly with kernel stderr
 _JOB_KEYS = {"name", "notebook", "stage", "run", "params", "set", "grid", "needs", "timeout",
-             "resources", "torchrun"}
+             "resources", "torchrun", "alone"}
 RESOURCE_KEYS = ("partition", "gpus", "cpus", "time", "mem", "account")  # see dfkd.executors
 LOCKED = "locked"  # skipped because another process holds the run's lock (--if-locked skip)
 
@@ -224,6 +225,7 @@ class Job:
     timeout: int | None = None
     resources: dict[str, Any] = field(default_factory=dict)  # top-level `resources:` < job's
     torchrun: int | None = None
+    alone: bool = False
 
 
 @dataclass
@@ -245,6 +247,7 @@ class ResolvedJob:
     naming: dict[str, Any] = field(default_factory=dict)  # values for run/needs templates (pre-smoke)
     resources: dict[str, Any] = field(default_factory=dict)  # partition/gpus/cpus/time/mem/account
     torchrun: int | None = None     # processes per node under torchrun (-m dfkd.launch); None: papermill
+    alone: bool = False             # local:N: starts when nothing runs, nothing starts beside it
 
     def run_dir(self, runs_root: str | Path | None = None) -> Path:
         return paths.runs_dir(runs_root) / self.stage / self.run_name
@@ -294,11 +297,15 @@ def load_manifest(path: str | Path) -> list[Job]:
                                      or torchrun < 1 or raw["stage"] not in ("teacher", "distill")):
             raise BatchError(f"{where} ({name}): `torchrun` is a number of processes (>= 1), for "
                              "teacher or distill jobs only (they run `torchrun -m dfkd.launch`)")
+        alone = raw.get("alone", False)
+        if not isinstance(alone, bool):
+            raise BatchError(f"{where} ({name}): `alone` is true or false (true: under --executor "
+                             "local:N the job runs with nothing beside it, on every core)")
         jobs.append(Job(name=name, notebook=raw["notebook"], stage=raw["stage"],
                         run=str(raw.get("run") or name), params=list(params),
                         set=dict(raw.get("set") or {}), grid=grid,
                         needs=[needs] if isinstance(needs, str) else list(needs), timeout=timeout,
-                        resources=resources, torchrun=torchrun))
+                        resources=resources, torchrun=torchrun, alone=alone))
     return jobs
 
 
@@ -431,7 +438,7 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
                 params={k: v for k, v in values.items() if sources[k] != "default"},
                 values=values, sources=sources, smoke=smoke, root=root, naming=naming,
                 timeout=job.timeout or (SMOKE_CELL_TIMEOUT if smoke else None),
-                resources=dict(job.resources), torchrun=job.torchrun))
+                resources=dict(job.resources), torchrun=job.torchrun, alone=job.alone))
 
     by_run: dict[tuple[str, str], str] = {}
     for r in resolved:
@@ -717,6 +724,8 @@ def _describe(job: ResolvedJob, runs_root: Path) -> str:
         lines.append(f"    resources: {', '.join(f'{k}={v}' for k, v in job.resources.items())}")
     if job.torchrun:
         lines.append(f"    torchrun: {job.torchrun} processes (-m dfkd.launch {job.stage})")
+    if job.alone:
+        lines.append("    alone:    nothing runs beside it under --executor local:N")
     width = max((len(k) for k in job.params), default=0)
     lines += [f"      {k:<{width}} = {v!r:<24} # {job.sources[k]}" for k, v in job.params.items()]
     return "\n".join(lines)

@@ -6,7 +6,10 @@
   its own device(s) through ``CUDA_VISIBLE_DEVICES`` (``resources.gpus``, default 1, or the
   ``torchrun`` count); without, a job gets ``cores // min(N, jobs that can run at that moment)``
   threads (``OMP_NUM_THREADS`` & co., which torch reads for its intra-op pool): a lone job (the
-  teacher that the rest needs) gets every core, two at once half each.
+  teacher that the rest needs) gets every core, two at once half each. A job marked ``alone: true``
+  starts once the running jobs have finished, nothing starts beside it, and it gets every core
+  (or every GPU slot it asks for): a result that depends on its thread count (the CUB teacher of
+  ``batches/laptop.yaml``) is then what the manifest recorded, whatever N is.
 - ``slurm`` (:func:`submit_slurm`): one SLURM job per run through submitit, ``needs`` as
   ``afterok`` dependencies (``kill-on-invalid-dep``: a failed need cancels its dependents instead of
   leaving them pending forever), resources from the manifest's ``resources:`` or the command line,
@@ -126,8 +129,10 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                     continue
                 if not _needs_done(job, status, names):
                     continue  # a need is still pending or running
-                if len(running) >= n_workers:
+                if len(running) >= n_workers or any(r[1].alone for r in running.values()):
                     break
+                if job.alone and running:
+                    break  # let the running jobs drain; nothing else starts before it
                 want = gpus_wanted(job) if gpus else 0
                 if want > len(free):
                     continue
@@ -135,7 +140,7 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 # CPU: the cores are shared by the jobs that can run now (a lone job, e.g. the
                 # teacher everything else needs, gets them all; two at once get half each)
                 runnable = len(running) + sum(_needs_done(j, status, names) for j in pending)
-                share = threads if gpus else max(1, cores // min(n_workers, runnable))
+                share = threads if gpus else max(1, cores // (1 if job.alone else min(n_workers, runnable)))
                 env = {**thread_env(share), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
                 spec = tmp / f"job{jobs.index(job)}.pkl"
                 spec.write_bytes(pickle.dumps({"job": job, "kw": kw}))
