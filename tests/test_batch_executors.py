@@ -147,6 +147,14 @@ def test_local_n_runs_an_alone_job_with_nothing_beside_it_on_every_core(tmp_path
     s = {k.split("/")[1]: v for k, v in _summaries(tmp_path / "runs").items()}
     assert s["a"]["omp"] == "4" and s["b"]["omp"] == "2"   # b started beside a runnable c
     assert s["a"]["span"][0] > s["b"]["span"][1] and s["c"]["span"][0] > s["a"]["span"][1]
+    # b and an alone a only: a will not run beside b, so b has every core too
+    two = root / "batches" / "two.yaml"
+    two.write_text(manifest.split("  - name: c")[0])
+    status, _ = executors.run_pool(batch.resolve_jobs(two, root=root), 2,
+                                   runs_root=tmp_path / "runs2", gpus=[], cores=4)
+    assert status == {"a": "done", "b": "done"}
+    s = {k.split("/")[1]: v for k, v in _summaries(tmp_path / "runs2").items()}
+    assert s["a"]["omp"] == s["b"]["omp"] == "4"
     bad = root / "batches" / "bad.yaml"
     bad.write_text(manifest.replace("alone: true", "alone: yes please"))
     with pytest.raises(batch.BatchError, match="`alone` is true or false"):

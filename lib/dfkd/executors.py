@@ -139,7 +139,9 @@ def run_pool(jobs: list[ResolvedJob], n_workers: int, *, runs_root: Path, force:
                 devices, free = free[:want], free[want:]
                 # CPU: the cores are shared by the jobs that can run now (a lone job, e.g. the
                 # teacher everything else needs, gets them all; two at once get half each)
-                runnable = len(running) + sum(_needs_done(j, status, names) for j in pending)
+                # (an `alone` job never runs beside another: it does not count)
+                runnable = len(running) + sum(_needs_done(j, status, names) and not j.alone
+                                              for j in pending)
                 share = threads if gpus else max(1, cores // (1 if job.alone else min(n_workers, runnable)))
                 env = {**thread_env(share), "CUDA_VISIBLE_DEVICES": ",".join(devices)}
                 spec = tmp / f"job{jobs.index(job)}.pkl"
