@@ -74,3 +74,23 @@ def test_the_cub_teacher_trains_alone():
     43.48 %, under issue 9's 45 % floor): under `--executor local:2` it must run with nothing beside it."""
     by_run = {j.run_name: j for j in _jobs()}
     assert by_run[protocol.PARTS["cub"]["teacher"]].alone
+
+
+def test_a_table_says_when_its_teacher_is_under_issue_9s_floor(tmp_path):
+    """The CUB recipe gave 45.57 % on an Intel Xeon and 44.64 % on an AMD EPYC (fp32, two threads):
+    a table built on a teacher under the floor says so; one above it does not."""
+    assert "44.64 %" in protocol.teacher_warning("cub", 44.64, "laptop_cub_teacher_r")
+    assert protocol.teacher_warning("cub", 45.57, "laptop_cub_teacher_r") == ""
+    assert protocol.teacher_warning("toy", 89.9, "t") and not protocol.teacher_warning("toy", 90.0, "t")
+    assert "not finished" in protocol.teacher_warning("cub_standard", None, "t")
+
+    def fake(stage, name, summary, params):
+        run = tracking.start_run(stage, name, params, runs_root=tmp_path)
+        run.log({"epoch": 0, "time_s": 1.0, "test_top1": 5.0})
+        run.finish(summary)
+    fake("teacher", "laptop_cub_teacher_r", {"top1_last": 44.64}, {"arch": "efficientnet_lite0"})
+    fake("distill", "laptop_cub16r_m_dfkd_fgvc_s0", {"student_top1_last": 8.0, "student_top1_best": 8.0,
+         "method": "dfkd_fgvc", "chance_top1": 2.0, "time_s": 1.0}, {"method": "dfkd_fgvc", "seed": 0})
+    protocol.write_part("cub", tmp_path / "fig", runs_root=tmp_path)
+    table = (tmp_path / "fig" / "laptop_cub_table.md").read_text()
+    assert "**Warning.**" in table and "under the 45 %" in table
