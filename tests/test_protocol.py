@@ -63,6 +63,7 @@ def test_write_part_tables_only_its_own_runs(tmp_path):
     assert [p.name for p in written] == ["laptop_toy_table.md", "laptop_toy_curves.png"]
     table = (out / "laptop_toy_table.md").read_text()
     assert "77.7" in table and "66.6" not in table
+    assert "at equal steps, not at equal time" in table
     assert "93.0" in table and "97.0" not in table
     protocol.write_part("toy_standard", out, runs_root=tmp_path)
     table = (out / "laptop_toy_standard_table.md").read_text()

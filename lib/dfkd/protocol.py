@@ -22,6 +22,10 @@ from . import paths, report, tracking
 # float kernels: 45.57 % on an Intel Xeon, 44.64 % on an AMD EPYC, both fp32 on two threads)
 TEACHER_FLOOR = {"toy": 90.0, "cub": 45.0}
 
+# the protocol fixes each run's iterations, not its time (the loop has no wall-time budget)
+EQUAL_STEPS = ("\nEvery run of a part has the same steps (G/S steps); the time column is each method's "
+               "mean wall time: methods are compared at equal steps, not at equal time.\n")
+
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
     # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
@@ -76,7 +80,7 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     ref["chance"] = rows[0]["summary"].get("chance_top1", 0.0)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"laptop_{part}_table.md"
-    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref)
+    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref) + EQUAL_STEPS
     warning = teacher_warning(part, ref.get("teacher"), spec["teacher"])
     if warning:
         print(f"protocol: {warning}")
