@@ -40,5 +40,11 @@ written = figures.write_report(cfg)
 for p in written:
     print(p)
 
+# %% [markdown]
+# What was written: the tables as tables, the figures as images (PDF and CSV twins lie beside them).
+
+# %%
+figures.show_files(written);
+
 # %%
 summary = run.finish({"files": [str(p) for p in written], "n_files": len(written)})

@@ -124,3 +124,12 @@ def test_reports_and_figures(smoke_runs):
     for m in METHODS:
         assert m in table
     assert f["n_files"] >= 8
+    # the notebook shows what it wrote: every PNG as an image, every table as markdown
+    import nbformat
+    nb = nbformat.read(runs / "figures" / "smoke_figures" / "executed.ipynb", as_version=4)
+    data = [o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    pngs = [p for p in f["files"] if p.endswith(".png")]
+    assert sum("image/png" in d for d in data) == len(pngs) > 0
+    tables = [d["text/markdown"] for d in data if "|---" in d.get("text/markdown", "")]
+    assert len(tables) == len([p for p in f["files"] if p.endswith(".md")])
+    assert (figs / "table1_methods.md").read_text() in tables

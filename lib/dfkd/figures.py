@@ -107,6 +107,25 @@ class MarkdownTable(str):
         return str(self)
 
 
+def show_files(paths: Iterable) -> int:
+    """Display what a report wrote, in Jupyter: each markdown table as a table and each PNG as an
+    image under its file name (the PDF and CSV twins are skipped). Returns how many were shown."""
+    from pathlib import Path
+
+    from IPython.display import Image, display
+    shown = 0
+    for p in map(Path, paths):
+        if p.suffix == ".png":
+            display(MarkdownTable(f"`{p.name}`"))
+            display(Image(filename=str(p)))
+        elif p.suffix == ".md":
+            display(MarkdownTable(p.read_text()))
+        else:
+            continue
+        shown += 1
+    return shown
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None,
                    floatfmt: str = ".2f") -> MarkdownTable:
     """A GitHub markdown table of ``rows`` (floats formatted with ``floatfmt``)."""
