@@ -19,6 +19,7 @@ Fig. 6         GradCAM of the student                      ``gradcam_figure``
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -110,8 +111,6 @@ class MarkdownTable(str):
 def show_files(paths: Iterable) -> int:
     """Display what a report wrote, in Jupyter: each markdown table as a table and each PNG as an
     image under its file name (the PDF and CSV twins are skipped). Returns how many were shown."""
-    from pathlib import Path
-
     from IPython.display import Image, display
     shown = 0
     for p in map(Path, paths):
@@ -146,7 +145,6 @@ def write_table(rows: Sequence[dict], path, columns: Sequence[str] | None = None
     """``path.md`` (markdown) and ``path.csv`` for a table, written atomically."""
     import csv
     import io
-    from pathlib import Path
     path = Path(path)
     tracking.atomic_write_text(path.with_suffix(".md"), markdown_table(rows, columns) + "\n")
     buf = io.StringIO()

@@ -51,7 +51,8 @@ def _teacher_top1(name: str, runs_root) -> float | None:
 def teacher_warning(part: str, top1: float | None, run: str) -> str:
     """A sentence when the part's teacher is missing or under issue 9's floor for its dataset
     (the students' shares of it are then not comparable with other tables); '' otherwise."""
-    floor = TEACHER_FLOOR.get(part.split("_")[0])
+    dataset = part.split("_")[0]   # toy, cub (their _standard parts too)
+    floor = TEACHER_FLOOR.get(dataset)
     if floor is None:
         return ""
     if top1 is None:
@@ -59,8 +60,8 @@ def teacher_warning(part: str, top1: float | None, run: str) -> str:
     if top1 < floor:
         return (f"teacher `{run}` ended at {top1:.2f} %, under the {floor:.0f} % that issue 9 fixes "
                 f"for comparability; retrain it (`python -m dfkd.batch batches/laptop.yaml --only "
-                f"{'cub' if part.startswith('cub') else 'toy'}_teacher --force`, alone on every core) "
-                f"or read these shares against that teacher.")
+                f"{dataset}_teacher --force`, alone on every core) or read these shares against that "
+                f"teacher.")
     return ""
 
 
