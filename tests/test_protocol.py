@@ -45,13 +45,18 @@ def test_parts_prefixes_do_not_overlap():
         assert not [b for b in prefixes if b != a and b.startswith(a)], a
 
 
+def _finished_run(runs_root, stage, name, summary, params):
+    """A finished run folder with a two-point curve and ``summary``."""
+    run = tracking.start_run(stage, name, params, runs_root=runs_root)
+    for epoch, (t, acc) in enumerate(((1.0, 10.0), (2.0, 20.0))):
+        run.log({"epoch": epoch, "time_s": t, "test_top1": acc})
+    run.finish(summary)
+
+
 def test_write_part_tables_only_its_own_runs(tmp_path):
     """Two finished runs under different parts' prefixes: each part's table names only its own."""
-    def fake(stage, name, summary, params):
-        run = tracking.start_run(stage, name, params, runs_root=tmp_path)
-        for epoch, (t, acc) in enumerate(((1.0, 10.0), (2.0, 20.0))):
-            run.log({"epoch": epoch, "time_s": t, "test_top1": acc})
-        run.finish(summary)
+    def fake(*a):
+        _finished_run(tmp_path, *a)
     fake("teacher", "laptop_toy_teacher_r", {"top1_last": 93.0}, {"arch": "resnet_tiny_t"})
     fake("teacher", "laptop_toy_teacher", {"top1_last": 97.0}, {"arch": "resnet_tiny_t"})
     fake("teacher", "laptop_toy_student", {"top1_last": 92.0}, {"arch": "resnet_tiny_s"})
@@ -85,10 +90,8 @@ def test_a_table_says_when_its_teacher_is_under_issue_9s_floor(tmp_path):
     assert protocol.teacher_warning("toy", 89.9, "t") and not protocol.teacher_warning("toy", 90.0, "t")
     assert "not finished" in protocol.teacher_warning("cub_standard", None, "t")
 
-    def fake(stage, name, summary, params):
-        run = tracking.start_run(stage, name, params, runs_root=tmp_path)
-        run.log({"epoch": 0, "time_s": 1.0, "test_top1": 5.0})
-        run.finish(summary)
+    def fake(*a):
+        _finished_run(tmp_path, *a)
     fake("teacher", "laptop_cub_teacher_r", {"top1_last": 44.64}, {"arch": "efficientnet_lite0"})
     fake("distill", "laptop_cub16r_m_dfkd_fgvc_s0", {"student_top1_last": 8.0, "student_top1_best": 8.0,
          "method": "dfkd_fgvc", "chance_top1": 2.0, "time_s": 1.0}, {"method": "dfkd_fgvc", "seed": 0})
