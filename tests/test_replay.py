@@ -792,3 +792,79 @@ def test_first_bn_multiplier_in_dfkd_fgvc(monkeypatch):
     assert got[10.0].item() > got[1.0].item()
     with pytest.raises(ConfigError, match="bn_first_mul"):
         DistillConfig(bn_first_mul=-1.0)
+
+
+def test_dfkd_fgvc_meta_rounds():
+    """g_meta='fomaml': an iteration's g_steps G steps are one Fast round on a copy of the generator
+    whose first layer is re-initialised and whose noise is trained; the meta generator stays put
+    during the round and then takes one Adam step on the sum of the round's gradients (its first
+    moment is (1 - beta1) x that sum); only the round's final batch joins the pool; no checkpoint
+    inside a round; the student's terms (Eq. 11) are untouched."""
+    m = build("dfkd_fgvc", g_meta="fomaml", g_steps=3, replay="pool", lam=0.05)
+    meta0 = [p.detach().clone() for p in m.generator.parameters()]
+    seen = []
+    with m.generator_phase():
+        m.generator_step()
+        r = m._round
+        assert r is not None and m.round_step == 1
+        assert not torch.equal(r["fast"].fc.weight, m.generator.fc.weight)   # reset_l0
+        assert all(torch.equal(a, b) for a, b in zip(meta0, m.generator.parameters()))
+        assert len(m.replay) == 0
+        with pytest.raises(RuntimeError, match="inside a g_meta round"):
+            m.extra_state()
+        z0 = r["z"].detach().clone()
+        grads_before = [g.clone() for g in r["grads"]]
+        orig = r["opt"].step
+
+        def spy():   # every step's gradient of the fast generator
+            seen.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                         for p in r["fast"].parameters()])
+            orig()
+        r["opt"].step = spy
+        m.generator_step()
+        m.generator_step()
+    assert m._round is None and m.round_step == 0
+    assert not torch.equal(z0, r["z"].detach())          # the noise is trained
+    total = [a + b + c for a, b, c in zip(grads_before, *seen)]
+    beta1 = m.g_opt.param_groups[0]["betas"][0]
+    for p, g in zip(m.generator.parameters(), total):
+        assert torch.allclose(m.g_opt.state[p]["exp_avg"], (1 - beta1) * g, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(meta0, m.generator.parameters()))
+    assert len(m.replay) == m.cfg.batch_size            # the final batch only
+    assert m.counters["images_generated"] == 3 * m.cfg.batch_size
+    assert "replay" in m.extra_state()
+    assert torch.equal(m.synthesize(4), m.replay.pool.latest(4).float())
+
+
+def test_g_meta_config():
+    """g_meta needs the pool (the student learns from the rounds' batches) and no replay_extra."""
+    with pytest.raises(ConfigError, match="replay='pool'"):
+        DistillConfig(g_meta="fomaml")
+    with pytest.raises(ConfigError, match="replay_extra"):
+        DistillConfig(g_meta="fomaml", replay="pool", replay_extra=1)
+    with pytest.raises(ConfigError, match="g_meta"):
+        DistillConfig(g_meta="maml2", replay="pool")
+    assert DistillConfig().g_meta == "off"
+    DistillConfig(g_meta="reptile", replay="pool")
+
+
+def test_dfkd_fgvc_meta_checkpoint_round_trip():
+    """A g_meta checkpoint (taken between iterations) restores the pool of the rounds' batches, the
+    meta generator and its Adam moments, and the next iteration of the copy matches the original's."""
+    kw = dict(g_meta="fomaml", replay="pool")
+    m = build("dfkd_fgvc", **kw)
+    for _ in range(2):
+        m.iteration()
+    state = copy.deepcopy(m.checkpoint_state())
+    twin = build("dfkd_fgvc", **kw)            # the same frozen teacher, untrained generator and student
+    twin.load_checkpoint_state(state)
+    assert len(twin.replay) == len(m.replay) == 2 * m.cfg.batch_size
+    assert all(torch.equal(a, b) for a, b in zip(twin.generator.parameters(), m.generator.parameters()))
+    for p, q in zip(m.generator.parameters(), twin.generator.parameters()):
+        assert torch.equal(m.g_opt.state[p]["exp_avg"], twin.g_opt.state[q]["exp_avg"])
+    torch.manual_seed(9)
+    m.iteration()
+    torch.manual_seed(9)
+    twin.iteration()
+    assert all(torch.allclose(a, b) for a, b in zip(twin.generator.parameters(), m.generator.parameters()))
+    assert all(torch.allclose(a, b) for a, b in zip(twin.student.parameters(), m.student.parameters()))

@@ -140,6 +140,8 @@ class DistillConfig(DataConfig):
     bn_momentum: float = 0.0           # Fast's momentum BN prior in Eq. 3: batch stats mixed with a memory (0: Eq. 3)
     bn_first_mul: float = 1.0          # dfkd_fgvc: the first BN layer's Eq. 3 term times this (DeepInversion: 10; 1: Eq. 3)
     g_reinit_every: int = 0            # re-initialise the generator and its Adam every N iterations (0: never)
+    g_meta: str = "off"                # dfkd_fgvc: each iteration's G steps are one Fast round (fomaml | reptile; off: Eq. 10 on one generator)
+    g_meta_lr_z: float = 0.015         # with g_meta: Adam lr of each round's trainable noise (Fast's lr_z)
     g_conditional: bool = False        # class-conditional generator: per-sample target labels (label embedding added to the noise)
     g_ce: float = 1.0                  # with g_conditional: weight of the teacher's CE to each sample's target
     g_aug: str = "none"                # augmentation of the generated batch inside Eq. 10 (DeepInversion's jitter + flip)
@@ -329,6 +331,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "onecycle"),
     "gpu_preload": ("auto", "on", "off"),
     "replay": ("off", "pool"),
+    "g_meta": ("off", "fomaml", "reptile"),
     "replay_aug": ("none", "flip", "crop_flip", "crop_flip_mixup", "crop_flip_cutmix", "crop_flip_color", "rrc_flip"),
     "g_aug": ("none", "flip", "crop_flip", "rrc_flip"),
 }
@@ -384,7 +387,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"adv_steps must be >= 1 (gradient steps of the teacher's adversarial training), got {cfg.adv_steps}")
     if hasattr(cfg, "replay_size") and cfg.replay_size < 1:
         raise ConfigError(f"replay_size must be >= 1 image, got {cfg.replay_size}")
-    for name in ("lr", "lr_g", "lr_s", "tau", "kd_T"):
+    if getattr(cfg, "g_meta", "off") != "off" and (cfg.replay != "pool" or cfg.replay_extra > 0):
+        raise ConfigError(f"g_meta={cfg.g_meta!r} puts each round's final batch into the replay pool that the "
+                          f"student learns from: it needs replay='pool' (got {cfg.replay!r}) and replay_extra=0 "
+                          f"(got {cfg.replay_extra}); set those or g_meta='off'")
+    for name in ("lr", "lr_g", "lr_s", "tau", "kd_T", "g_meta_lr_z"):
         if hasattr(cfg, name) and not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ConfigError(f"{name} must be a positive finite number, got {getattr(cfg, name)}")
 

@@ -11,6 +11,7 @@ a config field (Tables 4-5, Fig. 7). Design choices where the paper is silent ar
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,6 +24,7 @@ from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, cla
                       load_bn_memory, mhad_loss, mode_seeking_loss, sfcl_loss)
 from ..replay import Replay, augment
 from .base import DistillMethod
+from .fast import meta_gradients
 
 
 class PenultimateAdapter(nn.Module):
@@ -68,6 +70,9 @@ class DFKDFGVC(DistillMethod):
         self.generator = self.build_generator()
         self._reinit_done = -1   # the iteration whose re-initialisation ran (g_reinit_every)
         self.targets: torch.Tensor | None = None   # g_conditional: the labels of the last generated batch
+        # g_meta: the open round (fast generator, noise, Adam, summed gradients) and its step
+        self._round: dict | None = None
+        self.round_step = 0
         # bn_momentum > 0: per-layer (mean, var) memory of the generated batches (Fast's momentum prior)
         self.bn_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mhad_mode = resolve_mhad_mode(cfg, t, s)
@@ -155,38 +160,47 @@ class DFKDFGVC(DistillMethod):
         if self.world_size > 1:
             dist.broadcast_module(self.generator)
 
+    def generator_objective(self, x: torch.Tensor, z: torch.Tensor):
+        """Eq. 10 (and the CPU presets' extra terms) on the generated batch x (with grad) from
+        noise z: returns (loss, the logged terms, the BN prior's handle, the teacher's logits)."""
+        cfg = self.cfg
+        # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
+        # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
+        xa = augment(x, cfg.g_aug)
+        # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, seventh session of 2026-12-06)
+        with bn_prior(self.teacher, first_bn_multiplier=cfg.bn_first_mul, reduce=self.stat_reduce,
+                      momentum=cfg.bn_momentum, memory=self.bn_memory) as bn:
+            t_logits = self.teacher_forward(xa)
+        s_logits = self.student(xa)
+        l_bn = bn.loss()
+        l_kd = kd_loss(s_logits, t_logits, T=cfg.kd_T, direction=cfg.kd_direction)
+        loss = x.new_zeros((), dtype=torch.float32)
+        if cfg.use_bn:
+            loss = loss + cfg.alpha * l_bn
+        if cfg.use_adv:
+            loss = loss - cfg.g_adv * l_kd
+        out = {}
+        if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
+            out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
+            loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
+        if cfg.g_div > 0:   # MSGAN's mode-seeking term (off in the paper preset)
+            out["div"] = mode_seeking_loss(x, z)
+            loss = loss + cfg.g_div * out["div"]
+        if cfg.g_conditional:   # per-sample targets (DeepInversion's, Fast's, NAYER's CE term)
+            out["ce"] = F.cross_entropy(t_logits.float(), self.targets)
+            loss = loss + cfg.g_ce * out["ce"]
+        return loss, {"loss": loss, "bn": l_bn, "kd": l_kd, **out}, bn, t_logits
+
     def generator_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if cfg.g_meta != "off":
+            return self.meta_generator_step()
         self.maybe_reinit_generator()
         self.generator.train()
         with self.autocast():
             z = self.sample_z(cfg.batch_size)
             x = self.generate(cfg.batch_size, z)
-            # g_aug: the networks see a differentiable augmentation of the batch (DeepInversion's
-            # jitter and flip); the pool keeps the batch as generated (docs/decisions.md#synthesis)
-            xa = augment(x, cfg.g_aug)
-            # bn_first_mul: DeepInversion's first-layer multiplier (docs/decisions.md, seventh session of 2026-12-06)
-            with bn_prior(self.teacher, first_bn_multiplier=cfg.bn_first_mul, reduce=self.stat_reduce,
-                          momentum=cfg.bn_momentum, memory=self.bn_memory) as bn:
-                t_logits = self.teacher_forward(xa)
-            s_logits = self.student(xa)
-            l_bn = bn.loss()
-            l_kd = kd_loss(s_logits, t_logits, T=cfg.kd_T, direction=cfg.kd_direction)
-            loss = x.new_zeros((), dtype=torch.float32)
-            if cfg.use_bn:
-                loss = loss + cfg.alpha * l_bn
-            if cfg.use_adv:
-                loss = loss - cfg.g_adv * l_kd
-            out = {}
-            if cfg.g_oh > 0 or cfg.g_balance > 0:   # class-coverage terms (off in the paper preset)
-                out["oh"], out["balance"] = class_coverage_terms(t_logits, self.stat_reduce)
-                loss = loss + cfg.g_oh * out["oh"] + cfg.g_balance * out["balance"]
-            if cfg.g_div > 0:   # MSGAN's mode-seeking term (off in the paper preset)
-                out["div"] = mode_seeking_loss(x, z)
-                loss = loss + cfg.g_div * out["div"]
-            if cfg.g_conditional:   # per-sample targets (DeepInversion's, Fast's, NAYER's CE term)
-                out["ce"] = F.cross_entropy(t_logits.float(), self.targets)
-                loss = loss + cfg.g_ce * out["ce"]
+            loss, out, bn, t_logits = self.generator_objective(x, z)
         self.optimize(self.g_opt, loss)
         if cfg.bn_momentum > 0:
             bn.update_memory()
@@ -201,7 +215,62 @@ class DFKDFGVC(DistillMethod):
                 with torch.no_grad(), self.autocast():
                     xe = self.generate(cfg.batch_size)
                     self.replay.add(xe, self.teacher_forward(xe).argmax(1) if balance else None)
-        return {"loss": loss, "bn": l_bn, "kd": l_kd, **out}
+        return out
+
+    # ------------------------------------------------------------------ g_meta: Fast's rounds
+    def start_round(self) -> None:
+        """``g_meta``: a round's fast generator (a copy of the meta generator with its first, linear
+        layer re-initialised, Fast's ``reset_l0``), its trainable noise z and their Adam (Fast's:
+        ``lr_g`` for the weights, ``g_meta_lr_z`` for z, betas (0.5, 0.999))."""
+        cfg = self.cfg
+        fast = copy.deepcopy(self.generator)
+        fast.fc.reset_parameters()
+        z = self.sample_z(cfg.batch_size).requires_grad_(True)
+        inputs = self.generator_inputs(z)   # g_conditional: the round's targets, fixed for its steps
+        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": cfg.g_meta_lr_z}],
+                               lr=cfg.lr_g, betas=(0.5, 0.999))
+        grads = [torch.zeros_like(p) for p in fast.parameters()]
+        self._round = {"fast": fast, "z": z, "inputs": inputs, "opt": opt, "grads": grads}
+
+    def meta_generator_step(self) -> dict[str, torch.Tensor]:
+        """One step of a ``g_meta`` round (the iteration's ``g_steps`` G steps are one round): Eq. 10
+        on the fast generator's batch, an Adam step of (G', z); after the last step the meta
+        generator takes one step of its own Adam on Fast's meta gradient
+        (:func:`dfkd.methods.fast.meta_gradients`) and the round's final batch joins the pool."""
+        cfg = self.cfg
+        if self._round is None:
+            self.maybe_reinit_generator()   # g_reinit_every re-initialises the meta generator
+            self.start_round()
+        r = self._round
+        fast = r["fast"]
+        fast.train()
+        with self.autocast():
+            x = self.to_input(fast(r["z"], *r["inputs"]))
+            self.counters["images_generated"] += int(x.shape[0])
+            loss, out, bn, t_logits = self.generator_objective(x, r["z"])
+        r["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:   # G' is shared: rank-mean gradients; z: each rank's own rows
+            dist.average_gradients(fast.parameters())
+            dist.scale_own_rows_grad([r["z"]])
+        with torch.no_grad():
+            for g, p in zip(r["grads"], fast.parameters()):
+                if p.grad is not None:
+                    g.add_(p.grad)
+        r["opt"].step()
+        self.round_step += 1
+        if self.round_step >= cfg.g_steps:
+            grads = meta_gradients(self.generator, fast, cfg.g_meta, r["grads"])
+            self.g_opt.zero_grad(set_to_none=True)
+            for p, g in zip(self.generator.parameters(), grads):
+                p.grad = g
+            self.g_opt.step()
+            if cfg.bn_momentum > 0:
+                bn.update_memory()
+            balance = cfg.replay_balance > 0
+            self.replay.add(x.detach(), t_logits.detach().argmax(1) if balance else None)
+            self.round_step, self._round = 0, None
+        return {k: v.detach() for k, v in out.items()}
 
     # ------------------------------------------------------------------ Eq. 11
     def student_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -244,7 +313,18 @@ class DFKDFGVC(DistillMethod):
         x = self.fresh_images(n) if self.replay is None else self.replay.batch(n, self.fresh_images)
         return self.train_student_on(x)
 
+    @torch.no_grad()
+    def synthesize(self, n: int, z: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``g_meta`` the newest pool images (the rounds' final batches, what the student
+        learns from; the meta generator alone draws an initialisation, not an image); otherwise the
+        generator's output."""
+        if self.cfg.g_meta != "off" and self.replay is not None and len(self.replay):
+            return self.replay.pool.latest(n).float()
+        return super().synthesize(n, z)
+
     def extra_state(self) -> dict:
+        if self._round is not None:
+            raise RuntimeError("dfkd_fgvc: checkpoint requested inside a g_meta round")
         out = {"replay": self.replay.state()} if self.replay is not None else {}
         if self.cfg.bn_momentum > 0:
             out["bn_memory"] = bn_memory_state(self.bn_memory)
