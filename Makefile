@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast figures smoke bench venv clean-runs lab laptop
+.PHONY: demo test test-fast figures smoke bench venv clean-runs lab laptop laptop-time
 
 venv: $(STAMP)
 
@@ -47,3 +47,7 @@ clean-runs:
 laptop: $(STAMP)  ## the CPU protocol of issue 9 (about 2.5 h on 2 cores, resumable), then its tables and curves into figures/
 	DFKD_DATA=$${DFKD_DATA:-../shared/data} $(PY) -m dfkd.batch batches/laptop.yaml
 	$(PY) -m dfkd.protocol
+
+laptop-time: $(STAMP)  ## the protocol's CUB part at equal wall time, each run alone (about 45 min on 2 cores after make laptop's CUB teacher and student)
+	DFKD_DATA=$${DFKD_DATA:-../shared/data} $(PY) -m dfkd.batch batches/laptop_time.yaml
+	$(PY) -m dfkd.protocol --part cub_time

@@ -98,3 +98,23 @@ def test_a_table_says_when_its_teacher_is_under_issue_9s_floor(tmp_path):
     protocol.write_part("cub", tmp_path / "fig", runs_root=tmp_path)
     table = (tmp_path / "fig" / "laptop_cub_table.md").read_text()
     assert "**Warning.**" in table and "under the 45 %" in table
+
+
+def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
+    """batches/laptop_time.yaml writes part cub_time's runs, each alone on every core, on the CUB
+    part's teacher, with more iterations for the method whose iteration is cheaper; its table says
+    that it compares at equal time."""
+    spec = protocol.PARTS["cub_time"]
+    jobs = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    assert jobs and all(j.run_name.startswith(spec["prefix"]) and j.alone for j in jobs)
+    assert {j.params["teacher_run"] for j in jobs} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
+    assert spec["supervised"] == protocol.PARTS["cub"]["supervised"]
+    iters = {j.params["method"]: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
+    assert iters["fast"] > iters["dfkd_fgvc"]
+    assert {j.params["seed"] for j in jobs} == {0, 1, 2}
+    _finished_run(tmp_path, "distill", "laptop_cubtime_m_fast_s0", {
+        "student_top1_last": 12.0, "student_top1_best": 12.0, "method": "fast", "chance_top1": 2.0,
+        "time_s": 430.0}, {"method": "fast", "seed": 0})
+    protocol.write_part("cub_time", tmp_path / "fig", runs_root=tmp_path)
+    table = (tmp_path / "fig" / "laptop_cub_time_table.md").read_text()
+    assert "at equal time, not at equal steps" in table and "at equal steps, not" not in table

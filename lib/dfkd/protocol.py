@@ -3,7 +3,8 @@
     python -m dfkd.protocol                      # both parts, into figures/
     python -m dfkd.protocol --part toy --out runs/laptop_report
 
-Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px) it writes
+Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px, both at equal
+steps; ``cub_time``: the CUB part at equal wall time, ``batches/laptop_time.yaml``) it writes
 ``laptop_<part>_table.md`` (per method: last-epoch top-1 mean and std over seeds, best-epoch mean,
 the share of the teacher and of the supervised student, the budget in images and steps, wall time)
 and ``laptop_<part>_curves.png`` (student top-1 against wall time, one line per run). Parts whose
@@ -25,6 +26,10 @@ TEACHER_FLOOR = {"toy": 90.0, "cub": 45.0}
 # the protocol fixes each run's iterations, not its time (the loop has no wall-time budget)
 EQUAL_STEPS = ("\nEvery run of a part has the same steps (G/S steps); the time column is each method's "
                "mean wall time: methods are compared at equal steps, not at equal time.\n")
+# batches/laptop_time.yaml sets each method's iterations so that its runs take about the same time
+EQUAL_TIME = ("\nEach method's iteration count was set so that its runs take about the same wall time, each "
+              "alone on every core (the time column); the steps differ: methods are compared at equal time, "
+              "not at equal steps.\n")
 
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
@@ -38,6 +43,10 @@ PARTS = {
     # step) and the generator has ngf 16 and 6 steps per iteration; the earlier runs: part cub_standard
     "cub": {"prefix": "laptop_cub16r_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
             "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, robust teacher"},
+    # batches/laptop_time.yaml (2026-12-07, thirteenth session): the CUB part at equal wall time
+    "cub_time": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
+                 "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time",
+                 "compare": "time"},
     "cub_standard": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
                      "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, standard teacher (before 2026-12-07, tenth)"},
 }
@@ -81,7 +90,8 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     ref["chance"] = rows[0]["summary"].get("chance_top1", 0.0)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"laptop_{part}_table.md"
-    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref) + EQUAL_STEPS
+    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref) + (
+        EQUAL_TIME if spec.get("compare") == "time" else EQUAL_STEPS)
     warning = teacher_warning(part, ref.get("teacher"), spec["teacher"])
     if warning:
         print(f"protocol: {warning}")
