@@ -24,7 +24,7 @@ from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, cla
                       load_bn_memory, mhad_loss, mode_seeking_loss, sfcl_loss)
 from ..replay import Replay, augment
 from .base import DistillMethod
-from .fast import meta_gradients
+from .fast import meta_update, round_update
 
 
 class PenultimateAdapter(nn.Module):
@@ -236,7 +236,7 @@ class DFKDFGVC(DistillMethod):
         """One step of a ``g_meta`` round (the iteration's ``g_steps`` G steps are one round): Eq. 10
         on the fast generator's batch, an Adam step of (G', z); after the last step the meta
         generator takes one step of its own Adam on Fast's meta gradient
-        (:func:`dfkd.methods.fast.meta_gradients`) and the round's final batch joins the pool."""
+        (:func:`dfkd.methods.fast.meta_update`) and the round's final batch joins the pool."""
         cfg = self.cfg
         if self._round is None:
             self.maybe_reinit_generator()   # g_reinit_every re-initialises the meta generator
@@ -248,23 +248,10 @@ class DFKDFGVC(DistillMethod):
             x = self.to_input(fast(r["z"], *r["inputs"]))
             self.counters["images_generated"] += int(x.shape[0])
             loss, out, bn, t_logits = self.generator_objective(x, r["z"])
-        r["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world_size > 1:   # G' is shared: rank-mean gradients; z: each rank's own rows
-            dist.average_gradients(fast.parameters())
-            dist.scale_own_rows_grad([r["z"]])
-        with torch.no_grad():
-            for g, p in zip(r["grads"], fast.parameters()):
-                if p.grad is not None:
-                    g.add_(p.grad)
-        r["opt"].step()
+        round_update(loss, r, self.world_size)
         self.round_step += 1
         if self.round_step >= cfg.g_steps:
-            grads = meta_gradients(self.generator, fast, cfg.g_meta, r["grads"])
-            self.g_opt.zero_grad(set_to_none=True)
-            for p, g in zip(self.generator.parameters(), grads):
-                p.grad = g
-            self.g_opt.step()
+            meta_update(self.generator, r, cfg.g_meta, self.g_opt)
             if cfg.bn_momentum > 0:
                 bn.update_memory()
             balance = cfg.replay_balance > 0

@@ -80,6 +80,33 @@ def meta_gradients(meta: nn.Module, fast: nn.Module, mode: str, accumulated: lis
     raise ValueError(f"meta={mode!r} (a method option of fast) is not one of {META_MODES}")
 
 
+def round_update(loss: torch.Tensor, round_: dict, world_size: int = 1) -> None:
+    """One step of a round (``round_``: the fast generator ``fast``, its noise ``z``, their Adam
+    ``opt`` and the round's gradient sums ``grads``): backward, the rank-mean gradients of G' (z: each
+    rank's own rows), the sums, then the Adam step."""
+    fast, z = round_["fast"], round_["z"]
+    round_["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    if world_size > 1:   # G' is shared: rank-mean gradients; z: each rank's own rows
+        dist.average_gradients(fast.parameters())
+        dist.scale_own_rows_grad([z])
+    with torch.no_grad():
+        for g, p in zip(round_["grads"], fast.parameters()):
+            if p.grad is not None:
+                g.add_(p.grad)
+    round_["opt"].step()
+
+
+def meta_update(meta: nn.Module, round_: dict, mode: str, opt: torch.optim.Optimizer) -> None:
+    """The end of a round: one step of the meta generator's optimiser ``opt`` on
+    :func:`meta_gradients` of the round."""
+    grads = meta_gradients(meta, round_["fast"], mode, round_["grads"])
+    opt.zero_grad(set_to_none=True)
+    for p, g in zip(meta.parameters(), grads):
+        p.grad = g
+    opt.step()
+
+
 def per_sample_kl(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(t) || softmax(s)) per sample, (B,) fp32 (the authors' ``kldiv`` at T = 1)."""
     return F.kl_div(F.log_softmax(s_logits.float(), 1), F.log_softmax(t_logits.float(), 1),
@@ -158,28 +185,14 @@ class Fast(GeneratorBaseline):
             x = self.to_input(fast(r["z"]))
             out, bn = self.generator_losses(x, r["y"], adversarial=not self.warming_up())
         self.counters["images_generated"] += int(x.shape[0])
-        r["opt"].zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if self.world_size > 1:   # G' is shared: rank-mean gradients; z: each rank's own rows
-            dist.average_gradients(fast.parameters())
-            dist.scale_own_rows_grad([r["z"]])
-        with torch.no_grad():
-            for g, p in zip(r["grads"], fast.parameters()):
-                if p.grad is not None:
-                    g.add_(p.grad)
-        r["opt"].step()
+        round_update(out["loss"], r, self.world_size)
         self.round_step += 1
         if self.round_step >= self.g_steps_per_iteration():
             self.end_round(x.detach(), bn)
         return {k: v.detach() for k, v in out.items()}
 
     def end_round(self, x: torch.Tensor, bn) -> None:
-        r = self._round
-        grads = meta_gradients(self.generator, r["fast"], self.opts.meta, r["grads"])
-        self.g_opt.zero_grad(set_to_none=True)
-        for p, g in zip(self.generator.parameters(), grads):
-            p.grad = g
-        self.g_opt.step()
+        meta_update(self.generator, self._round, self.opts.meta, self.g_opt)
         bn.update_memory()
         self.replay.add(x)
         self.round_step = 0
