@@ -305,7 +305,7 @@ class DFKDFGVC(DistillMethod):
         """With ``g_meta`` the newest pool images (the rounds' final batches, what the student
         learns from; the meta generator alone draws an initialisation, not an image); otherwise the
         generator's output."""
-        if self.cfg.g_meta != "off" and self.replay is not None and len(self.replay):
+        if self.cfg.g_meta != "off" and len(self.replay):   # g_meta needs the pool (config check)
             return self.replay.pool.latest(n).float()
         return super().synthesize(n, z)
 
