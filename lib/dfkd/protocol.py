@@ -1,6 +1,6 @@
 """Tables and curves of the laptop protocol (``batches/laptop.yaml``) from its run folders.
 
-    python -m dfkd.protocol                      # both parts, into figures/
+    python -m dfkd.protocol                      # every part whose runs exist, into figures/
     python -m dfkd.protocol --part toy --out runs/laptop_report
 
 Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px, both at equal
