@@ -11,7 +11,6 @@ a config field (Tables 4-5, Fig. 7). Design choices where the paper is silent ar
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -24,7 +23,7 @@ from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, cla
                       load_bn_memory, mhad_loss, mode_seeking_loss, sfcl_loss)
 from ..replay import Replay, augment
 from .base import DistillMethod
-from .fast import meta_update, round_update
+from .fast import meta_update, open_round, round_update
 
 
 class PenultimateAdapter(nn.Module):
@@ -223,14 +222,9 @@ class DFKDFGVC(DistillMethod):
         layer re-initialised, Fast's ``reset_l0``), its trainable noise z and their Adam (Fast's:
         ``lr_g`` for the weights, ``g_meta_lr_z`` for z, betas (0.5, 0.999))."""
         cfg = self.cfg
-        fast = copy.deepcopy(self.generator)
-        fast.fc.reset_parameters()
-        z = self.sample_z(cfg.batch_size).requires_grad_(True)
-        inputs = self.generator_inputs(z)   # g_conditional: the round's targets, fixed for its steps
-        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": cfg.g_meta_lr_z}],
-                               lr=cfg.lr_g, betas=(0.5, 0.999))
-        grads = [torch.zeros_like(p) for p in fast.parameters()]
-        self._round = {"fast": fast, "z": z, "inputs": inputs, "opt": opt, "grads": grads}
+        r = open_round(self.generator, lambda: self.sample_z(cfg.batch_size), cfg.lr_g, cfg.g_meta_lr_z)
+        r["inputs"] = self.generator_inputs(r["z"])   # g_conditional: the round's targets, fixed for its steps
+        self._round = r
 
     def meta_generator_step(self) -> dict[str, torch.Tensor]:
         """One step of a ``g_meta`` round (the iteration's ``g_steps`` G steps are one round): Eq. 10

@@ -80,6 +80,20 @@ def meta_gradients(meta: nn.Module, fast: nn.Module, mode: str, accumulated: lis
     raise ValueError(f"meta={mode!r} (a method option of fast) is not one of {META_MODES}")
 
 
+def open_round(meta: nn.Module, draw_z, lr_g: float, lr_z: float, reset_l0: bool = True) -> dict:
+    """A round's state: the fast generator (a copy of ``meta`` whose first, linear layer is
+    re-initialised with ``reset_l0``, the authors' ``reset_l0``), its trainable noise ``draw_z()``,
+    their Adam (``lr_g`` for the weights, ``lr_z`` for z, betas (0.5, 0.999) as the authors') and
+    the round's gradient sums, zero."""
+    fast = copy.deepcopy(meta)
+    if reset_l0:
+        fast.fc.reset_parameters()
+    z = draw_z().requires_grad_(True)
+    opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": lr_z}],
+                           lr=lr_g, betas=(0.5, 0.999))
+    return {"fast": fast, "z": z, "opt": opt, "grads": [torch.zeros_like(p) for p in fast.parameters()]}
+
+
 def round_update(loss: torch.Tensor, round_: dict, world_size: int = 1) -> None:
     """One step of a round (``round_``: the fast generator ``fast``, its noise ``z``, their Adam
     ``opt`` and the round's gradient sums ``grads``): backward, the rank-mean gradients of G' (z: each
@@ -141,17 +155,12 @@ class Fast(GeneratorBaseline):
     # ------------------------------------------------------------------ one round
     def start_round(self) -> None:
         cfg = self.cfg
-        fast = copy.deepcopy(self.generator)
-        if self.opts.reset_l0:
-            fast.fc.reset_parameters()
-        z = rank_share(self, lambda m: torch.randn(m, cfg.nz, device=self.device), cfg.batch_size)
-        z.requires_grad_(True)
-        y = rank_share(self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device),
-                       cfg.batch_size)
-        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": self.opts.lr_z}],
-                               lr=cfg.lr_g, betas=(0.5, 0.999))
-        grads = [torch.zeros_like(p) for p in fast.parameters()]
-        self._round = {"fast": fast, "z": z, "y": y, "opt": opt, "grads": grads}
+        r = open_round(self.generator, lambda: rank_share(
+            self, lambda m: torch.randn(m, cfg.nz, device=self.device), cfg.batch_size),
+            cfg.lr_g, self.opts.lr_z, self.opts.reset_l0)
+        r["y"] = rank_share(self, lambda m: torch.randint(0, self.num_classes, (m,), device=self.device),
+                            cfg.batch_size)
+        self._round = r
 
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor, adversarial: bool = True):
         o = self.opts
