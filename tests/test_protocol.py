@@ -112,9 +112,12 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     iters = {j.params["method"]: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
     assert iters["fast"] > iters["dfkd_fgvc"]
     assert {j.params["seed"] for j in jobs} == {0, 1, 2}
-    _finished_run(tmp_path, "distill", "laptop_cubtime_m_fast_s0", {
+    assert all(0 < j.params["g_stop"] < 1 for j in jobs)          # every method gets the tail
+    _finished_run(tmp_path, "distill", "laptop_cubtail_m_fast_s0", {
         "student_top1_last": 12.0, "student_top1_best": 12.0, "method": "fast", "chance_top1": 2.0,
         "time_s": 430.0}, {"method": "fast", "seed": 0})
     protocol.write_part("cub_time", tmp_path / "fig", runs_root=tmp_path)
     table = (tmp_path / "fig" / "laptop_cub_time_table.md").read_text()
     assert "at equal time, not at equal steps" in table and "at equal steps, not" not in table
+    assert "`g_stop`" in table
+    assert protocol.PARTS["cub_time_notail"]["compare"] == "time"

@@ -17,7 +17,7 @@ from dfkd.methods.fast import meta_gradients
 from dfkd.replay import Replay, augment, crop_pad_px, random_crop
 from dfkd.train import distill
 
-from test_methods import build, tiny_cfg
+from test_methods import build, changed, params_of, tiny_cfg
 
 
 def _imgs(n, s=8, seed=0):
@@ -229,7 +229,8 @@ def test_config_rejects_bad_replay_values():
                      (dict(replay_recent=0.8, replay_fresh=0.3), "replay_recent"),
                      (dict(replay_recent_window=-1), "replay_recent_window"),
                      (dict(replay_pad=0.0), "replay_pad"), (dict(replay_pad=1.0), "replay_pad"),
-                     (dict(replay_balance=-0.5), "replay_balance")):
+                     (dict(replay_balance=-0.5), "replay_balance"),
+                     (dict(g_stop=0.0), "g_stop"), (dict(g_stop=1.5), "g_stop")):
         with pytest.raises(ConfigError, match=key):
             validate(DistillConfig(**bad))
 
@@ -359,6 +360,32 @@ def test_fast_warmup_skips_student_steps():
     assert all(torch.equal(a, b) for a, b in zip(s0, m.student.parameters())) and m.counters["s_steps"] == 0
     m.iteration()
     assert m.counters["s_steps"] == m.cfg.s_steps
+
+
+@pytest.mark.parametrize("method,extra", [("dfkd_fgvc", {}), ("dfkd_fgvc", {"g_meta": "fomaml"}), ("fast", {})])
+def test_g_stop_freezes_the_generator_and_pool_and_keeps_the_student_training(method, extra):
+    """g_stop 0.5 of 2 x 2 iterations: two iterations of Algorithm 1, then two of student steps only
+    on the frozen pool (the distillation tail): no generator step, generator and pool unchanged."""
+    m = build(method, replay="pool", replay_size=256, epochs=2, iters_per_epoch=2, g_stop=0.5, **extra)
+    assert m.synthesis_iterations() == 2
+    for _ in range(2):
+        m.iteration()
+    g_steps, gen = m.counters["g_steps"], params_of(m.generator)
+    assert g_steps == 2 * m.cfg.g_steps and len(m.replay) > 0
+    pool = m.replay.pool.images[:len(m.replay)].clone(), len(m.replay)
+    for _ in range(2):
+        s0 = params_of(m.student)
+        m.iteration()
+        assert changed(s0, m.student)                                   # the student still learns
+    assert m.counters["g_steps"] == g_steps and m.counters["s_steps"] == 4 * m.cfg.s_steps
+    assert not changed(gen, m.generator)
+    assert len(m.replay) == pool[1] and torch.equal(m.replay.pool.images[:pool[1]], pool[0])
+
+
+@pytest.mark.parametrize("g_stop,total,synth", [(1.0, 12, 12), (0.25, 12, 3), (0.3, 10, 3), (0.34, 10, 4), (0.01, 10, 1)])
+def test_g_stop_counts_whole_iterations(g_stop, total, synth):
+    m = build("dfkd_fgvc", epochs=total // 2, iters_per_epoch=2, g_stop=g_stop)
+    assert m.synthesis_iterations() == synth
 
 
 # ------------------------------------------------------------------ BN statistics

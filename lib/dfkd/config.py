@@ -84,6 +84,8 @@ class DistillConfig(DataConfig):
     iters_per_epoch: int = 5           # "epoch" is undefined in the paper; 50 in peers (decisions.md)
     g_steps: int = 20                  # t
     s_steps: int = 15                  # k
+    g_stop: float = 1.0                # share of the iterations with generator steps; after it the generator and its
+                                       # pool are frozen and iterations run their s_steps only (1.0: Algorithm 1 throughout)
     batch_size: int = 64
     lr_g: float = 1e-3
     g_beta1: float = 0.5
@@ -366,6 +368,9 @@ def validate(cfg) -> None:
         raise ConfigError("batch_size must be >= 2: BatchNorm in train mode needs two samples")
     if hasattr(cfg, "mha_order") and cfg.mha_order not in (1, 2, 3, 4, 5, 6):
         raise ConfigError(f"mha_order must be in 1..6, got {cfg.mha_order}")
+    if hasattr(cfg, "g_stop") and not 0.0 < cfg.g_stop <= 1.0:
+        raise ConfigError(f"g_stop must lie in (0, 1] (the share of the iterations with generator steps; 1 = "
+                          f"Algorithm 1 throughout), got {cfg.g_stop}")
     if hasattr(cfg, "replay_fresh") and not 0.0 <= cfg.replay_fresh <= 1.0:
         raise ConfigError(f"replay_fresh must lie in [0, 1] (a share of the student batch), got {cfg.replay_fresh}")
     if hasattr(cfg, "replay_pad") and not 0.0 < cfg.replay_pad < 1.0:

@@ -4,7 +4,7 @@
     python -m dfkd.protocol --part toy --out runs/laptop_report
 
 Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px, both at equal
-steps; ``cub_time``: the CUB part at equal wall time, ``batches/laptop_time.yaml``) it writes
+steps; ``cub_time``: the CUB part at equal wall time with a distillation tail, ``batches/laptop_time.yaml``) it writes
 ``laptop_<part>_table.md`` (per method: last-epoch top-1 mean and std over seeds, best-epoch mean,
 the share of the teacher and of the supervised student, the budget in images and steps, wall time)
 and ``laptop_<part>_curves.png`` (student top-1 against wall time, one line per run). Parts whose
@@ -31,6 +31,11 @@ EQUAL_TIME = ("\nEach method's iteration count was set so that its runs take abo
               "alone on every core (the time column); the steps differ: methods are compared at equal time, "
               "not at equal steps.\n")
 
+# batches/laptop_time.yaml's runs since 2026-12-07's fourteenth session
+TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, then freezes the generator "
+        "and its pool and runs student steps alone (`g_stop`, docs/decisions.md 'A distillation tail'): the G/S "
+        "steps column counts both phases.\n")
+
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
     # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
@@ -43,10 +48,15 @@ PARTS = {
     # step) and the generator has ngf 16 and 6 steps per iteration; the earlier runs: part cub_standard
     "cub": {"prefix": "laptop_cub16r_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
             "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, robust teacher"},
-    # batches/laptop_time.yaml (2026-12-07, thirteenth session): the CUB part at equal wall time
-    "cub_time": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
-                 "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time",
-                 "compare": "time"},
+    # batches/laptop_time.yaml: the CUB part at equal wall time; since 2026-12-07's fourteenth session
+    # every run ends with a distillation tail (g_stop); the thirteenth session's runs without it: cub_time_notail
+    "cub_time": {"prefix": "laptop_cubtail_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
+                 "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time, distillation tail",
+                 "compare": "time", "note": TAIL},
+    "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
+                        "supervised": "laptop_cub_student", "compare": "time",
+                        "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time, no tail "
+                                 "(2026-12-07, thirteenth)"},
     "cub_standard": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
                      "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, standard teacher (before 2026-12-07, tenth)"},
 }
@@ -91,7 +101,7 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"laptop_{part}_table.md"
     text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref) + (
-        EQUAL_TIME if spec.get("compare") == "time" else EQUAL_STEPS)
+        EQUAL_TIME if spec.get("compare") == "time" else EQUAL_STEPS) + spec.get("note", "")
     warning = teacher_warning(part, ref.get("teacher"), spec["teacher"])
     if warning:
         print(f"protocol: {warning}")

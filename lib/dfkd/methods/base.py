@@ -19,6 +19,7 @@ global statistics and gradients are averaged over ranks before every optimiser s
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -378,7 +379,16 @@ class DistillMethod(nn.Module):
         self.counters["iterations"] += 1
         return {k: sums[k] / counts[k] for k in sums}
 
+    def synthesis_iterations(self) -> int:
+        """Iterations that run generator steps: the first ``ceil(g_stop x epochs x iters_per_epoch)``.
+        The rest (``g_stop`` < 1) run only their student steps, on the frozen generator's images or
+        pool: a distillation tail after synthesis (decisions.md, 'A distillation tail')."""
+        total = self.cfg.epochs * self.cfg.iters_per_epoch
+        return total if self.cfg.g_stop >= 1.0 else math.ceil(self.cfg.g_stop * total - 1e-9)
+
     def g_steps_per_iteration(self) -> int:
+        if self.counters["iterations"] >= self.synthesis_iterations():
+            return 0
         return self.cfg.g_steps if (self.g_opt is not None or not self.uses_generator) else 0
 
     def s_steps_per_iteration(self) -> int:
