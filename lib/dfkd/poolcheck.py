@@ -47,7 +47,7 @@ def final_pool(run: tracking.Run, output_map: str) -> ImagePool:
     if not isinstance(saved, dict) or not int(saved.get("size", 0)):
         raise ValueError(f"the checkpoint of {run.dir} holds no replay pool: poolcheck needs a run with "
                          "`replay: pool` (dfkd_fgvc) or a memory bank (fast)")
-    pool = ImagePool(int(saved["capacity"]), output_map, "cpu")
+    pool = ImagePool(int(saved["size"]), output_map, "cpu")   # the images it holds, not the run's capacity
     pool.load(saved)
     return pool
 

@@ -51,12 +51,11 @@ PARTS = {
     # batches/laptop_time.yaml: the CUB part at equal wall time; since 2026-12-07's fourteenth session
     # every run ends with a distillation tail (g_stop); the thirteenth session's runs without it: cub_time_notail
     "cub_time": {"prefix": "laptop_cubtail_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
-                 "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time, distillation tail",
+                 "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail",
                  "compare": "time", "note": TAIL},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
-                        "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, equal wall time, no tail "
-                                 "(2026-12-07, thirteenth)"},
+                        "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},
     "cub_standard": {"prefix": "laptop_cub_m_", "teacher": "cpu_cub_effl0_64", "supervised": "laptop_cub_student",
                      "title": "CUB-200 classes 1-50, 64 px, 2 CPU cores, standard teacher (before 2026-12-07, tenth)"},
 }

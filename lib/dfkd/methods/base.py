@@ -19,8 +19,8 @@ global statistics and gradients are averaged over ranks before every optimiser s
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
