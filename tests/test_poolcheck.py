@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dfkd.poolcheck as poolcheck
+import dfkd.replay as replay_mod
 from dfkd import tracking
 from dfkd.config import DistillConfig
 from dfkd.train import build_model, distill
@@ -36,13 +37,14 @@ def test_check_trains_a_fresh_student_on_the_final_pool_only(runs_root, monkeypa
     saved = tracking.Run(runs_root / "distill" / name).load_state()["method"]["replay"]
     pool = {tuple(img.flatten().tolist()) for img in saved["images"]}
     seen = []
-    real_augment = poolcheck.augment
+    real_augment = replay_mod.augment
 
     def spy(x, mode, output_map, pad):
-        u8 = poolcheck.ImagePool(1, output_map, "cpu").encode(x)   # back to the uint8 the pool keeps
+        u8 = replay_mod.Replay(1, output_map, "cpu").pool.encode(x)   # back to the uint8 the pool keeps
         seen.extend(tuple(img.flatten().tolist()) for img in u8)
+        assert mode == "crop_flip"                                     # the run's augmentation
         return real_augment(x, mode, output_map, pad)
-    monkeypatch.setattr(poolcheck, "augment", spy)
+    monkeypatch.setattr(replay_mod, "augment", spy)
     out = poolcheck.check_pool(name, steps=3, eval_every=2, progress=False)
     assert out["pool"] == int(saved["size"]) == 2 * 8
     assert [s for s, _ in out["evals"]] == [2, 3] and 0.0 <= out["top1_last"] <= 100.0

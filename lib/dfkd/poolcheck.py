@@ -25,8 +25,7 @@ import torch
 from . import tracking
 from .config import DistillConfig
 from .losses import kd_loss
-from .methods.common import ImagePool
-from .replay import augment
+from .replay import Replay
 from .seed import seed_everything
 from .train import build_model, eval_loader, evaluate, load_teacher
 
@@ -37,8 +36,9 @@ FIELDS = ("dataset", "image_size", "data_root", "toy_num_classes", "toy_train_pe
           "kd_T", "kd_direction", "batch_size", "test_batch_size", "weight_decay", "momentum")
 
 
-def final_pool(run: tracking.Run, output_map: str) -> ImagePool:
-    """The replay pool saved in ``run``'s ``state/last.pt``; a clear error when there is none."""
+def final_pool(run: tracking.Run, cfg: DistillConfig) -> Replay:
+    """The replay pool saved in ``run``'s ``state/last.pt``, drawn as the run drew it (uniformly, with
+    its ``replay_aug`` and ``replay_pad``); a clear error when there is none."""
     state = run.load_state()
     if state is None:
         raise FileNotFoundError(f"{run.dir} has no state/last.pt: the run has not written a checkpoint "
@@ -47,7 +47,8 @@ def final_pool(run: tracking.Run, output_map: str) -> ImagePool:
     if not isinstance(saved, dict) or not int(saved.get("size", 0)):
         raise ValueError(f"the checkpoint of {run.dir} holds no replay pool: poolcheck needs a run with "
                          "`replay: pool` (dfkd_fgvc) or a memory bank (fast)")
-    pool = ImagePool(int(saved["size"]), output_map, "cpu")   # the images it holds, not the run's capacity
+    # capacity: the images it holds, not the run's replay_size
+    pool = Replay(int(saved["size"]), cfg.output_map, "cpu", aug=cfg.replay_aug, pad=cfg.replay_pad)
     pool.load(saved)
     return pool
 
@@ -61,7 +62,7 @@ def check_pool(run_name: str, *, steps: int = 1000, lr: float = 0.05, eval_every
     run = tracking.open_run("distill", run_name, runs_root)
     params = run.params()
     cfg = DistillConfig(**{k: params[k] for k in FIELDS if k in params}, device="cpu", num_workers=0)
-    pool = final_pool(run, cfg.output_map)
+    pool = final_pool(run, cfg)
     seed_everything(seed)
     teacher, meta = load_teacher(cfg.teacher_run, runs_root=runs_root)
     _, test = eval_loader(cfg)
@@ -71,7 +72,7 @@ def check_pool(run_name: str, *, steps: int = 1000, lr: float = 0.05, eval_every
     evals, t0 = [], time.time()
     student.train()
     for step in range(1, steps + 1):
-        x = augment(pool.sample(cfg.batch_size), cfg.replay_aug, cfg.output_map, cfg.replay_pad)
+        x = pool.batch(cfg.batch_size, fresh_images=None)   # no fresh share: pool images only
         with torch.no_grad():
             t_logits = teacher(x)
         loss = kd_loss(student(x), t_logits, cfg.kd_T, cfg.kd_direction)
