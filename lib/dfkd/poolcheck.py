@@ -25,6 +25,7 @@ import torch
 from . import tracking
 from .config import DistillConfig
 from .losses import kd_loss
+from .methods.base import DistillMethod
 from .replay import Replay
 from .seed import seed_everything
 from .train import build_model, eval_loader, evaluate, load_teacher
@@ -76,9 +77,7 @@ def check_pool(run_name: str, *, steps: int = 1000, lr: float = 0.05, eval_every
         with torch.no_grad():
             t_logits = teacher(x)
         loss = kd_loss(student(x), t_logits, cfg.kd_T, cfg.kd_direction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        DistillMethod.optimize(opt, loss)
         sched.step()
         if step % eval_every == 0 or step == steps:
             top1 = evaluate(student, test, "cpu")["top1"]
