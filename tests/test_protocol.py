@@ -109,8 +109,9 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     assert jobs and all(j.run_name.startswith(spec["prefix"]) and j.alone for j in jobs)
     assert {j.params["teacher_run"] for j in jobs} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
     assert spec["supervised"] == protocol.PARTS["cub"]["supervised"]
-    iters = {j.params["method"]: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
-    assert iters["fast"] > iters["dfkd_fgvc"]
+    iters = {j.job: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
+    # Eq. 11 with MHAD and SFCL is the dearest student step, its KL term alone the cheapest
+    assert iters["cub_time_fast"] > iters["cub_time_dfkd_fgvc"] < iters["cub_time_dfkd_fgvc_kl"]
     assert {j.params["seed"] for j in jobs} == {0, 1, 2}
     assert all(0 < j.params["g_stop"] < 1 for j in jobs)          # every method gets the tail
     _finished_run(tmp_path, "distill", "laptop_cubtail_m_fast_s0", {
@@ -121,3 +122,26 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     assert "at equal time, not at equal steps" in table and "at equal steps, not" not in table
     assert "`g_stop`" in table
     assert protocol.PARTS["cub_time_notail"]["compare"] == "time"
+
+
+def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
+    """cub_time runs the paper's method twice (the whole Eq. 11, and Eq. 11 reduced to KL): the run
+    names keep them apart in the table and the curves, and the variant's line says what it is."""
+    spec = protocol.PARTS["cub_time"]
+    jobs = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    kl = [j for j in jobs if j.job == "cub_time_dfkd_fgvc_kl"]
+    assert kl and all(not j.params["use_mhad"] and not j.params["use_sfcl"] for j in kl)
+    whole = [j for j in jobs if j.job == "cub_time_dfkd_fgvc"]
+    assert whole and all(j.params.get("use_mhad", True) and j.params.get("use_sfcl", True) for j in whole)
+    for name, acc in (("laptop_cubtail_m_dfkd_fgvc_s0", 11.0), ("laptop_cubtail_m_dfkd_fgvc_s1", 13.0),
+                      ("laptop_cubtail_m_dfkd_fgvc_kl_s0", 17.0), ("laptop_cubtail_m_dfkd_fgvc_kl_s1", 19.0)):
+        _finished_run(tmp_path, "distill", name, {
+            "student_top1_last": acc, "student_top1_best": acc, "method": "dfkd_fgvc", "chance_top1": 2.0,
+            "time_s": 500.0}, {"method": "dfkd_fgvc", "seed": int(name[-1])})
+    protocol.write_part("cub_time", tmp_path / "fig", runs_root=tmp_path)
+    lines = (tmp_path / "fig" / "laptop_cub_time_table.md").read_text().splitlines()
+    whole_line = [ln for ln in lines if ln.startswith("| dfkd_fgvc |")]
+    kl_line = [ln for ln in lines if ln.startswith(f"| {spec['labels']['dfkd_fgvc_kl']} |")]
+    assert len(whole_line) == len(kl_line) == 1
+    assert "| 12.00 |" in whole_line[0] and "| 18.00 |" in kl_line[0]
+    assert "KL" in spec["labels"]["dfkd_fgvc_kl"]

@@ -13,6 +13,7 @@ runs are missing are skipped with a message (the protocol is resumable across se
 from __future__ import annotations
 
 import argparse
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,11 @@ TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, 
         "and its pool and runs student steps alone (`g_stop`, docs/decisions.md 'A distillation tail'): the G/S "
         "steps column counts both phases.\n")
 
+# batches/laptop_time.yaml's job cub_time_dfkd_fgvc_kl (since 2026-12-07's fifteenth session)
+KL_ONLY = ("\nThe line `dfkd_fgvc, Eq. 11 as KL only` is the paper's method with its student loss reduced to the KL "
+           "term (`use_mhad: false, use_sfcl: false`, Table 3's ablation switches; the same synthesis as the line "
+           "`dfkd_fgvc`, which keeps the whole Eq. 11): docs/decisions.md, 'Eq. 11 in the tail'.\n")
+
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
     # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
@@ -52,7 +58,8 @@ PARTS = {
     # every run ends with a distillation tail (g_stop); the thirteenth session's runs without it: cub_time_notail
     "cub_time": {"prefix": "laptop_cubtail_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
                  "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail",
-                 "compare": "time", "note": TAIL},
+                 "compare": "time", "note": TAIL + KL_ONLY,
+                 "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only"}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
                         "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},
@@ -83,6 +90,15 @@ def teacher_warning(part: str, top1: float | None, run: str) -> str:
     return ""
 
 
+def line_label(spec: dict, row: dict) -> str:
+    """A run's line in its part's table and curves: the run name without the part's prefix and its
+    ``_s<seed>``; named by the part's ``labels`` where it differs from the method (a variant of one
+    method, e.g. ``dfkd_fgvc_kl``), otherwise the method."""
+    key = re.sub(r"_s\d+$", "", row["run"][len(spec["prefix"]):])
+    method = row["summary"].get("method") or row["params"].get("method") or key
+    return method if key == method else spec.get("labels", {}).get(key, key)
+
+
 def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     """Write the table and the curves of one part; [] when none of its runs has finished."""
     spec = PARTS[part]
@@ -99,7 +115,8 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     ref["chance"] = rows[0]["summary"].get("chance_top1", 0.0)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"laptop_{part}_table.md"
-    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(rows, reference=ref) + (
+    text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(
+        rows, reference=ref, group=lambda r: line_label(spec, r)) + (
         EQUAL_TIME if spec.get("compare") == "time" else EQUAL_STEPS) + spec.get("note", "")
     warning = teacher_warning(part, ref.get("teacher"), spec["teacher"])
     if warning:
@@ -108,9 +125,9 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     tracking.atomic_write_text(md, text)
     from . import figures
     runs = [tracking.Run(tracking.run_path("distill", r["run"], runs_root), write=False) for r in rows]
-    method = {r["run"]: r["summary"].get("method") or r["params"].get("method") or r["run"] for r in rows}
-    seeds = Counter(method.values())
-    label = {run: f"{m} ({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for run, m in method.items()}
+    line = {r["run"]: line_label(spec, r) for r in rows}
+    seeds = Counter(line.values())
+    label = {run: f"{m} ({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for run, m in line.items()}
     fig = figures.curves_figure(
         runs, y="test_top1", x="time_s", title=spec["title"], group=lambda r: label[r.name],
         xlabel="distillation wall time (s)", ylabel="student top-1 on the test split (%)")

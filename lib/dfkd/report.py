@@ -154,16 +154,18 @@ def write_table(rows: Sequence[dict], path, columns: Sequence[str] = DEFAULT_COL
     return md, csv_path
 
 
-def seed_table(rows: Sequence[dict], *, reference: dict[str, float] | None = None) -> str:
+def seed_table(rows: Sequence[dict], *, reference: dict[str, float] | None = None,
+               group: Callable[[dict], str] | None = None) -> str:
     """One markdown line per method over its seeds: last-epoch top-1 mean and std, best-epoch
     mean, the seeds, the teacher, each method's share of every ``reference`` accuracy (e.g.
     ``{"teacher": 93.8, "supervised student": 92.0, "chance": 10.0}``) and the mean budget.
 
-    The std is the sample std over seeds (0 with one seed). Methods keep the order in which they
-    first appear in ``rows``."""
+    ``group`` (a row to its line's label; default its method) keeps two variants of one method on
+    lines of their own. The std is the sample std over seeds (0 with one seed). Lines keep the
+    order in which they first appear in ``rows``."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        m = row["summary"].get("method") or row["params"].get("method")
+        m = group(row) if group else row["summary"].get("method") or row["params"].get("method")
         groups.setdefault(m, []).append(row)
     reference = dict(reference or {})
     ref_cols = [k for k in reference if k != "chance"]
