@@ -132,7 +132,7 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
         runs, y="test_top1", x="time_s", title=spec["title"], group=lambda r: label[r.name],
         xlabel="distillation wall time (s)", ylabel="student top-1 on the test split (%)")
     png = out / f"laptop_{part}_curves.png"
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=120, bbox_inches="tight")   # the legend sits outside the axes
     return [md, png]
 
 
