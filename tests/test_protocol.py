@@ -125,14 +125,17 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
 
 
 def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
-    """cub_time runs the paper's method twice (the whole Eq. 11, and Eq. 11 reduced to KL): the run
-    names keep them apart in the table and the curves, and the variant's line says what it is."""
+    """cub_time runs the paper's method three times (the whole Eq. 11 at gamma 1 and 0.1, and Eq. 11
+    reduced to KL): the run names keep them apart in the table and the curves, and a variant's line
+    says what it is."""
     spec = protocol.PARTS["cub_time"]
     jobs = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
     kl = [j for j in jobs if j.job == "cub_time_dfkd_fgvc_kl"]
     assert kl and all(not j.params["use_mhad"] and not j.params["use_sfcl"] for j in kl)
-    whole = [j for j in jobs if j.job == "cub_time_dfkd_fgvc"]
-    assert whole and all(j.params.get("use_mhad", True) and j.params.get("use_sfcl", True) for j in whole)
+    for name in ("cub_time_dfkd_fgvc", "cub_time_dfkd_fgvc_g01"):   # the whole Eq. 11
+        whole = [j for j in jobs if j.job == name]
+        assert whole and all(j.params.get("use_mhad", True) and j.params.get("use_sfcl", True) for j in whole)
+    assert {j.params["gamma"] for j in jobs if j.job == "cub_time_dfkd_fgvc_g01"} == {0.1}
     for name, acc in (("laptop_cubtail_m_dfkd_fgvc_s0", 11.0), ("laptop_cubtail_m_dfkd_fgvc_s1", 13.0),
                       ("laptop_cubtail_m_dfkd_fgvc_kl_s0", 17.0), ("laptop_cubtail_m_dfkd_fgvc_kl_s1", 19.0)):
         _finished_run(tmp_path, "distill", name, {
@@ -144,4 +147,4 @@ def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
     kl_line = [ln for ln in lines if ln.startswith(f"| {spec['labels']['dfkd_fgvc_kl']} |")]
     assert len(whole_line) == len(kl_line) == 1
     assert "| 12.00 |" in whole_line[0] and "| 18.00 |" in kl_line[0]
-    assert "KL" in spec["labels"]["dfkd_fgvc_kl"]
+    assert "KL" in spec["labels"]["dfkd_fgvc_kl"] and "gamma 0.1" in spec["labels"]["dfkd_fgvc_g01"]

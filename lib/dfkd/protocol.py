@@ -37,10 +37,11 @@ TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, 
         "and its pool and runs student steps alone (`g_stop`, docs/decisions.md 'A distillation tail'): the G/S "
         "steps column counts both phases.\n")
 
-# batches/laptop_time.yaml's job cub_time_dfkd_fgvc_kl (since 2026-12-07's fifteenth session)
-KL_ONLY = ("\nThe line `dfkd_fgvc, Eq. 11 as KL only` is the paper's method with its student loss reduced to the KL "
-           "term (`use_mhad: false, use_sfcl: false`, Table 3's ablation switches; the same synthesis as the line "
-           "`dfkd_fgvc`, which keeps the whole Eq. 11): docs/decisions.md, 'Eq. 11 in the tail'.\n")
+# batches/laptop_time.yaml's jobs cub_time_dfkd_fgvc_{kl,g01} (since 2026-12-07's fifteenth session)
+VARIANTS = ("\nThe line `dfkd_fgvc` keeps the whole Eq. 11 (beta 10, gamma 1); `dfkd_fgvc, Eq. 11 with gamma 0.1` "
+            "keeps it with a lighter SFCL; `dfkd_fgvc, Eq. 11 as KL only` is the paper's method with its student loss "
+            "reduced to the KL term (`use_mhad: false, use_sfcl: false`, Table 3's ablation switches). The three have "
+            "the same synthesis: docs/decisions.md, 'Eq. 11 in the tail'.\n")
 
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
@@ -58,8 +59,9 @@ PARTS = {
     # every run ends with a distillation tail (g_stop); the thirteenth session's runs without it: cub_time_notail
     "cub_time": {"prefix": "laptop_cubtail_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
                  "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail",
-                 "compare": "time", "note": TAIL + KL_ONLY,
-                 "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only"}},
+                 "compare": "time", "note": TAIL + VARIANTS,
+                 "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only",
+                            "dfkd_fgvc_g01": "dfkd_fgvc, Eq. 11 with gamma 0.1"}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
                         "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},
