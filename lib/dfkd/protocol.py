@@ -117,8 +117,9 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     ref["chance"] = rows[0]["summary"].get("chance_top1", 0.0)
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"laptop_{part}_table.md"
+    line = {r["run"]: line_label(spec, r) for r in rows}   # a run's line in the table and the curves
     text = f"# Laptop protocol: {spec['title']}\n\n" + report.seed_table(
-        rows, reference=ref, group=lambda r: line_label(spec, r)) + (
+        rows, reference=ref, group=lambda r: line[r["run"]]) + (
         EQUAL_TIME if spec.get("compare") == "time" else EQUAL_STEPS) + spec.get("note", "")
     warning = teacher_warning(part, ref.get("teacher"), spec["teacher"])
     if warning:
@@ -127,7 +128,6 @@ def write_part(part: str, out: Path, runs_root=None) -> list[Path]:
     tracking.atomic_write_text(md, text)
     from . import figures
     runs = [tracking.Run(tracking.run_path("distill", r["run"], runs_root), write=False) for r in rows]
-    line = {r["run"]: line_label(spec, r) for r in rows}
     seeds = Counter(line.values())
     label = {run: f"{m} ({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for run, m in line.items()}
     fig = figures.curves_figure(
