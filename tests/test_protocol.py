@@ -105,9 +105,13 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     part's teacher, with more iterations for the method whose iteration is cheaper; its table says
     that it compares at equal time."""
     spec = protocol.PARTS["cub_time"]
-    jobs = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
-    assert jobs and all(j.run_name.startswith(spec["prefix"]) and j.alone for j in jobs)
-    assert {j.params["teacher_run"] for j in jobs} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
+    every = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    assert every and all(j.alone for j in every)
+    jobs = [j for j in every if j.run_name.startswith(spec["prefix"])]
+    bf16 = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16"]["prefix"])]
+    assert jobs and bf16 and len(jobs) + len(bf16) == len(every)   # every run in one of the two parts
+    assert {j.params["teacher_run"] for j in every} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
+    assert {j.params["amp"] for j in jobs} == {"auto"} and {j.params["amp"] for j in bf16} == {"native"}
     assert spec["supervised"] == protocol.PARTS["cub"]["supervised"]
     iters = {j.job: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
     # Eq. 11 with MHAD and SFCL is the dearest student step, its KL term alone the cheapest
@@ -120,7 +124,7 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     protocol.write_part("cub_time", tmp_path / "fig", runs_root=tmp_path)
     table = (tmp_path / "fig" / "laptop_cub_time_table.md").read_text()
     assert "at equal time, not at equal steps" in table and "at equal steps, not" not in table
-    assert "`g_stop`" in table
+    assert "`g_stop`" in table and "bf16" not in table
     assert protocol.PARTS["cub_time_notail"]["compare"] == "time"
 
 
@@ -148,3 +152,29 @@ def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
     assert len(whole_line) == len(kl_line) == 1
     assert "| 12.00 |" in whole_line[0] and "| 18.00 |" in kl_line[0]
     assert "KL" in spec["labels"]["dfkd_fgvc_kl"] and "gamma 0.1" in spec["labels"]["dfkd_fgvc_g01"]
+
+
+def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
+    """Part cub_time_bf16 runs the fp32 part's KL-only line and `fast` in bf16: the same synthesis
+    shares (g_stop) and switches as their fp32 jobs, more iterations for both (a bf16 step is cheaper
+    on a CPU with bf16 instructions), and the same evaluations per iteration; its table says that the
+    runs are bf16 and that the time is equal, and names the KL-only line."""
+    spec = protocol.PARTS["cub_time_bf16"]
+    jobs = {j.job: j for j in batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")}
+    pairs = (("cub_time_bf16_dfkd_fgvc_kl", "cub_time_dfkd_fgvc_kl"), ("cub_time_bf16_fast", "cub_time_fast"))
+    for new, old in pairs:
+        n, o = jobs[new].params, jobs[old].params
+        assert n["method"] == o["method"] and n["amp"] == "native" and n["g_stop"] == o["g_stop"]
+        assert n["epochs"] * n["iters_per_epoch"] > o["epochs"] * o["iters_per_epoch"]
+        for key in ("use_mhad", "use_sfcl", "g_meta", "bn_momentum", "replay_size", "lam", "g_steps", "s_steps"):
+            assert n.get(key) == o.get(key), (new, key)
+    kl, fast = (jobs[a].params for a, _ in pairs)
+    assert kl["iters_per_epoch"] == fast["iters_per_epoch"]        # the same number of evaluations per run
+    for name, method in (("laptop_cubbf16_m_dfkd_fgvc_kl_s0", "dfkd_fgvc"), ("laptop_cubbf16_m_fast_s0", "fast")):
+        _finished_run(tmp_path, "distill", name, {
+            "student_top1_last": 20.0, "student_top1_best": 20.0, "method": method, "chance_top1": 2.0,
+            "time_s": 600.0}, {"method": method, "seed": 0})
+    protocol.write_part("cub_time_bf16", tmp_path / "fig", runs_root=tmp_path)
+    table = (tmp_path / "fig" / "laptop_cub_time_bf16_table.md").read_text()
+    assert "at equal time, not at equal steps" in table and "`amp: native`" in table
+    assert f"| {spec['labels']['dfkd_fgvc_kl']} |" in table and "| fast |" in table

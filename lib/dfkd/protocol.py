@@ -4,7 +4,8 @@
     python -m dfkd.protocol --part toy --out runs/laptop_report
 
 Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px, both at equal
-steps; ``cub_time``: the CUB part at equal wall time with a distillation tail, ``batches/laptop_time.yaml``) it writes
+steps; ``cub_time``: the CUB part at equal wall time with a distillation tail, ``batches/laptop_time.yaml``;
+``cub_time_bf16``: the same in bf16) it writes
 ``laptop_<part>_table.md`` (per method: last-epoch top-1 mean and std over seeds, best-epoch mean,
 the share of the teacher and of the supervised student, the budget in images and steps, wall time)
 and ``laptop_<part>_curves.png`` (student top-1 against wall time, one line per run). Parts whose
@@ -43,6 +44,12 @@ VARIANTS = ("\nThe line `dfkd_fgvc` keeps the whole Eq. 11 (beta 10, gamma 1); `
             "reduced to the KL term (`use_mhad: false, use_sfcl: false`, Table 3's ablation switches). The three have "
             "the same synthesis: docs/decisions.md, 'Eq. 11 in the tail'.\n")
 
+# batches/laptop_time.yaml's jobs cub_time_bf16_* (since 2026-12-07's sixteenth session)
+BF16 = ("\nEvery run computes in bf16 (`amp: native`: bf16 autocast and channels_last networks on a CPU with "
+        "bf16 instructions; the fp32 runs are part cub_time), and each method's iteration count was set from its "
+        "own bf16 iteration times: docs/decisions.md, 'The CUB part in bf16'. `dfkd_fgvc, Eq. 11 as KL only` is "
+        "the paper's method with its student loss reduced to the KL term (`use_mhad: false, use_sfcl: false`).\n")
+
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
     # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
@@ -62,6 +69,12 @@ PARTS = {
                  "compare": "time", "note": TAIL + VARIANTS,
                  "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only",
                             "dfkd_fgvc_g01": "dfkd_fgvc, Eq. 11 with gamma 0.1"}},
+    # since 2026-12-07's sixteenth session: the same comparison in bf16 (amp native) on a CPU with bf16
+    # instructions, each method's iterations set again from its bf16 iteration times
+    "cub_time_bf16": {"prefix": "laptop_cubbf16_m_", "teacher": "laptop_cub_teacher_r",
+                      "supervised": "laptop_cub_student", "compare": "time", "note": TAIL + BF16,
+                      "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail, bf16",
+                      "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only"}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
                         "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},
