@@ -50,6 +50,9 @@ BF16 = ("\nEvery run computes in bf16 (`amp: native`: bf16 autocast and channels
         "own bf16 iteration times: docs/decisions.md, 'The CUB part in bf16'. `dfkd_fgvc, Eq. 11 as KL only` is "
         "the paper's method with its student loss reduced to the KL term (`use_mhad: false, use_sfcl: false`).\n")
 
+# the KL-only line's name in both equal-time parts' tables and curves (its runs: ..._dfkd_fgvc_kl_s<seed>)
+KL_ONLY = "dfkd_fgvc, Eq. 11 as KL only"
+
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
     # docs/decisions.md); the standard teacher's runs stay readable as part toy_standard
@@ -67,14 +70,14 @@ PARTS = {
     "cub_time": {"prefix": "laptop_cubtail_m_", "teacher": "laptop_cub_teacher_r", "supervised": "laptop_cub_student",
                  "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail",
                  "compare": "time", "note": TAIL + VARIANTS,
-                 "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only",
+                 "labels": {"dfkd_fgvc_kl": KL_ONLY,
                             "dfkd_fgvc_g01": "dfkd_fgvc, Eq. 11 with gamma 0.1"}},
     # since 2026-12-07's sixteenth session: the same comparison in bf16 (amp native) on a CPU with bf16
     # instructions, each method's iterations set again from its bf16 iteration times
     "cub_time_bf16": {"prefix": "laptop_cubbf16_m_", "teacher": "laptop_cub_teacher_r",
                       "supervised": "laptop_cub_student", "compare": "time", "note": TAIL + BF16,
                       "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail, bf16",
-                      "labels": {"dfkd_fgvc_kl": "dfkd_fgvc, Eq. 11 as KL only"}},
+                      "labels": {"dfkd_fgvc_kl": KL_ONLY}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
                         "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},
