@@ -38,20 +38,21 @@ TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, 
         "and its pool and runs student steps alone (`g_stop`, docs/decisions.md 'A distillation tail'): the G/S "
         "steps column counts both phases.\n")
 
+# the KL-only line's name in both equal-time parts' tables and curves (its runs: ..._dfkd_fgvc_kl_s<seed>),
+# and what it is, said once for both parts' notes
+KL_ONLY = "dfkd_fgvc, Eq. 11 as KL only"
+KL_ONLY_IS = (f"`{KL_ONLY}` is the paper's method with its student loss reduced to the KL term (`use_mhad: false, "
+              "use_sfcl: false`, Table 3's ablation switches)")
+
 # batches/laptop_time.yaml's jobs cub_time_dfkd_fgvc_{kl,g01} (since 2026-12-07's fifteenth session)
 VARIANTS = ("\nThe line `dfkd_fgvc` keeps the whole Eq. 11 (beta 10, gamma 1); `dfkd_fgvc, Eq. 11 with gamma 0.1` "
-            "keeps it with a lighter SFCL; `dfkd_fgvc, Eq. 11 as KL only` is the paper's method with its student loss "
-            "reduced to the KL term (`use_mhad: false, use_sfcl: false`, Table 3's ablation switches). The three have "
-            "the same synthesis: docs/decisions.md, 'Eq. 11 in the tail'.\n")
+            f"keeps it with a lighter SFCL; {KL_ONLY_IS}. The three have the same synthesis: docs/decisions.md, "
+            "'Eq. 11 in the tail'.\n")
 
 # batches/laptop_time.yaml's jobs cub_time_bf16_* (since 2026-12-07's sixteenth session)
 BF16 = ("\nEvery run computes in bf16 (`amp: native`: bf16 autocast and channels_last networks on a CPU with "
         "bf16 instructions; the fp32 runs are part cub_time), and each method's iteration count was set from its "
-        "own bf16 iteration times: docs/decisions.md, 'The CUB part in bf16'. `dfkd_fgvc, Eq. 11 as KL only` is "
-        "the paper's method with its student loss reduced to the KL term (`use_mhad: false, use_sfcl: false`).\n")
-
-# the KL-only line's name in both equal-time parts' tables and curves (its runs: ..._dfkd_fgvc_kl_s<seed>)
-KL_ONLY = "dfkd_fgvc, Eq. 11 as KL only"
+        f"own bf16 iteration times: docs/decisions.md, 'The CUB part in bf16'. {KL_ONLY_IS}.\n")
 
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
