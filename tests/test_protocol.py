@@ -161,14 +161,15 @@ def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
     runs are bf16 and that the time is equal, and names the KL-only line."""
     spec = protocol.PARTS["cub_time_bf16"]
     jobs = {j.job: j for j in batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")}
-    pairs = (("cub_time_bf16_dfkd_fgvc_kl", "cub_time_dfkd_fgvc_kl"), ("cub_time_bf16_fast", "cub_time_fast"))
+    pairs = (("cub_time_bf16_dfkd_fgvc_kl", "cub_time_dfkd_fgvc_kl"), ("cub_time_bf16_fast", "cub_time_fast"),
+             ("cub_time_bf16_dfkd_fgvc_g01", "cub_time_dfkd_fgvc_g01"))
     for new, old in pairs:
         n, o = jobs[new].params, jobs[old].params
         assert n["method"] == o["method"] and n["amp"] == "native" and n["g_stop"] == o["g_stop"]
         assert n["epochs"] * n["iters_per_epoch"] > o["epochs"] * o["iters_per_epoch"]
-        for key in ("use_mhad", "use_sfcl", "g_meta", "bn_momentum", "replay_size", "lam", "g_steps", "s_steps"):
+        for key in ("use_mhad", "use_sfcl", "gamma", "g_meta", "bn_momentum", "replay_size", "lam", "g_steps", "s_steps"):
             assert n.get(key) == o.get(key), (new, key)
-    kl, fast = (jobs[a].params for a, _ in pairs)
+    kl, fast = (jobs[a].params for a, _ in pairs[:2])
     assert kl["iters_per_epoch"] == fast["iters_per_epoch"]        # the same number of evaluations per run
     for name, method in (("laptop_cubbf16_m_dfkd_fgvc_kl_s0", "dfkd_fgvc"), ("laptop_cubbf16_m_fast_s0", "fast")):
         _finished_run(tmp_path, "distill", name, {
@@ -178,3 +179,29 @@ def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
     table = (tmp_path / "fig" / "laptop_cub_time_bf16_table.md").read_text()
     assert "at equal time, not at equal steps" in table and "`amp: native`" in table
     assert f"| {spec['labels']['dfkd_fgvc_kl']} |" in table and "| fast |" in table
+
+
+def test_the_bf16_part_has_every_method_of_issue_9s_cub_part_on_one_loop():
+    """Part cub_time_bf16 compares the paper's method with every baseline issue 9 names for the CUB
+    part (fast, dfq, cmi and the prior-free dafl), one seed at least each, three for the paper's
+    method and fast, on one loop: the same G and S steps per iteration, evaluations per iteration and
+    teacher; the baselines beside fast take the KL-only line's synthesis share. The line with the
+    SAM differs from the KL-only line only in lam and in its iterations (fewer: a dearer G step)."""
+    every = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    jobs = {j.job: j for j in every}
+    bf16 = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16"]["prefix"])]
+    methods = {j.params["method"] for j in bf16}
+    assert {"dfkd_fgvc", "fast", "dfq", "cmi", "dafl"} <= methods
+    for job in ("cub_time_bf16_dfkd_fgvc_kl", "cub_time_bf16_fast"):
+        assert {j.params["seed"] for j in bf16 if j.job == job} == {0, 1, 2}
+    for key in ("g_steps", "s_steps", "iters_per_epoch", "teacher_run", "batch_size", "image_size"):
+        assert len({j.params[key] for j in bf16}) == 1, key
+    kl = jobs["cub_time_bf16_dfkd_fgvc_kl"].params
+    for m in ("dfq", "cmi", "dafl"):
+        assert jobs[f"cub_time_bf16_{m}"].params["g_stop"] == kl["g_stop"], m
+    sam = jobs["cub_time_bf16_dfkd_fgvc_klsam"].params
+    assert kl["lam"] == 0 < sam["lam"] == 0.05                        # the paper's lambda (Sec. 5.1)
+    assert sam["epochs"] * sam["iters_per_epoch"] < kl["epochs"] * kl["iters_per_epoch"]
+    assert {k: v for k, v in sam.items() if k not in ("lam", "epochs", "seed", "run_name")} == \
+        {k: v for k, v in kl.items() if k not in ("lam", "epochs", "seed", "run_name")}
+    assert "SAM" in protocol.PARTS["cub_time_bf16"]["labels"]["dfkd_fgvc_klsam"]
