@@ -16,6 +16,14 @@ def _jobs():
     return batch.resolve_jobs(ROOT / "batches" / "laptop.yaml")
 
 
+def _time_jobs():
+    return batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+
+
+def _iterations(params: dict) -> int:
+    return params["epochs"] * params["iters_per_epoch"]
+
+
 def test_each_current_part_names_the_manifests_runs():
     jobs = _jobs()
     teachers = {j.run_name for j in jobs if j.stage == "teacher"}
@@ -105,7 +113,7 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     part's teacher, with more iterations for the method whose iteration is cheaper; its table says
     that it compares at equal time."""
     spec = protocol.PARTS["cub_time"]
-    every = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    every = _time_jobs()
     assert every and all(j.alone for j in every)
     jobs = [j for j in every if j.run_name.startswith(spec["prefix"])]
     bf16 = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16"]["prefix"])]
@@ -113,7 +121,7 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     assert {j.params["teacher_run"] for j in every} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
     assert {j.params["amp"] for j in jobs} == {"auto"} and {j.params["amp"] for j in bf16} == {"native"}
     assert spec["supervised"] == protocol.PARTS["cub"]["supervised"]
-    iters = {j.job: j.params["epochs"] * j.params["iters_per_epoch"] for j in jobs}
+    iters = {j.job: _iterations(j.params) for j in jobs}
     # Eq. 11 with MHAD and SFCL is the dearest student step, its KL term alone the cheapest
     assert iters["cub_time_fast"] > iters["cub_time_dfkd_fgvc"] < iters["cub_time_dfkd_fgvc_kl"]
     assert {j.params["seed"] for j in jobs} == {0, 1, 2}
@@ -133,7 +141,7 @@ def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
     reduced to KL): the run names keep them apart in the table and the curves, and a variant's line
     says what it is."""
     spec = protocol.PARTS["cub_time"]
-    jobs = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    jobs = _time_jobs()
     kl = [j for j in jobs if j.job == "cub_time_dfkd_fgvc_kl"]
     assert kl and all(not j.params["use_mhad"] and not j.params["use_sfcl"] for j in kl)
     for name in ("cub_time_dfkd_fgvc", "cub_time_dfkd_fgvc_g01"):   # the whole Eq. 11
@@ -160,13 +168,13 @@ def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
     on a CPU with bf16 instructions), and the same evaluations per iteration; its table says that the
     runs are bf16 and that the time is equal, and names the KL-only line."""
     spec = protocol.PARTS["cub_time_bf16"]
-    jobs = {j.job: j for j in batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")}
+    jobs = {j.job: j for j in _time_jobs()}
     pairs = (("cub_time_bf16_dfkd_fgvc_kl", "cub_time_dfkd_fgvc_kl"), ("cub_time_bf16_fast", "cub_time_fast"),
              ("cub_time_bf16_dfkd_fgvc_g01", "cub_time_dfkd_fgvc_g01"))
     for new, old in pairs:
         n, o = jobs[new].params, jobs[old].params
         assert n["method"] == o["method"] and n["amp"] == "native" and n["g_stop"] == o["g_stop"]
-        assert n["epochs"] * n["iters_per_epoch"] > o["epochs"] * o["iters_per_epoch"]
+        assert _iterations(n) > _iterations(o)
         for key in ("use_mhad", "use_sfcl", "gamma", "g_meta", "bn_momentum", "replay_size", "lam", "g_steps", "s_steps"):
             assert n.get(key) == o.get(key), (new, key)
     kl, fast = (jobs[a].params for a, _ in pairs[:2])
@@ -187,7 +195,7 @@ def test_the_bf16_part_has_every_method_of_issue_9s_cub_part_on_one_loop():
     method and fast, on one loop: the same G and S steps per iteration, evaluations per iteration and
     teacher; the baselines beside fast take the KL-only line's synthesis share. The line with the
     SAM differs from the KL-only line only in lam and in its iterations (fewer: a dearer G step)."""
-    every = batch.resolve_jobs(ROOT / "batches" / "laptop_time.yaml")
+    every = _time_jobs()
     jobs = {j.job: j for j in every}
     bf16 = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16"]["prefix"])]
     methods = {j.params["method"] for j in bf16}
@@ -201,7 +209,7 @@ def test_the_bf16_part_has_every_method_of_issue_9s_cub_part_on_one_loop():
         assert jobs[f"cub_time_bf16_{m}"].params["g_stop"] == kl["g_stop"], m
     sam = jobs["cub_time_bf16_dfkd_fgvc_klsam"].params
     assert kl["lam"] == 0 < sam["lam"] == 0.05                        # the paper's lambda (Sec. 5.1)
-    assert sam["epochs"] * sam["iters_per_epoch"] < kl["epochs"] * kl["iters_per_epoch"]
-    assert {k: v for k, v in sam.items() if k not in ("lam", "epochs", "seed", "run_name")} == \
-        {k: v for k, v in kl.items() if k not in ("lam", "epochs", "seed", "run_name")}
+    assert _iterations(sam) < _iterations(kl)
+    differ = ("lam", "epochs", "seed", "run_name")
+    assert {k: v for k, v in sam.items() if k not in differ} == {k: v for k, v in kl.items() if k not in differ}
     assert "SAM" in protocol.PARTS["cub_time_bf16"]["labels"]["dfkd_fgvc_klsam"]

@@ -41,6 +41,7 @@ TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, 
 # the KL-only line's name in both equal-time parts' tables and curves (its runs: ..._dfkd_fgvc_kl_s<seed>),
 # and what it is, said once for both parts' notes
 KL_ONLY = "dfkd_fgvc, Eq. 11 as KL only"
+KL_SAM = KL_ONLY + ", with the SAM"       # the same line with the paper's SAM on (runs ..._dfkd_fgvc_klsam_s<seed>)
 G01 = "dfkd_fgvc, Eq. 11 with gamma 0.1"   # the whole Eq. 11 with a lighter SFCL (runs ..._dfkd_fgvc_g01_s<seed>)
 KL_ONLY_IS = (f"`{KL_ONLY}` is the paper's method with its student loss reduced to the KL term (`use_mhad: false, "
               "use_sfcl: false`, Table 3's ablation switches)")
@@ -54,7 +55,7 @@ VARIANTS = (f"\nThe line `dfkd_fgvc` keeps the whole Eq. 11 (beta 10, gamma 1); 
 BF16 = ("\nEvery run computes in bf16 (`amp: native`: bf16 autocast and channels_last networks on a CPU with "
         "bf16 instructions; the fp32 runs are part cub_time), and each method's iteration count was set from its "
         f"own bf16 iteration times: docs/decisions.md, 'The CUB part in bf16'. {KL_ONLY_IS}; its SAM is off (`lam: 0`), "
-        f"and `{KL_ONLY}, with the SAM` is the same line with the paper's attention generator (`lam: 0.05`, "
+        f"and `{KL_SAM}` is the same line with the paper's attention generator (`lam: 0.05`, "
         f"since the seventeenth session); `{G01}` keeps the whole Eq. 11 with a lighter SFCL and its fp32 job's synthesis "
         "share (`g_stop` 0.4). `dfq`, `cmi` and `dafl` (one seed each) synthesise for the same share "
         "of their iterations as the KL-only line (`g_stop` 0.3), `fast` for its fp32 job's (0.36).\n")
@@ -83,7 +84,7 @@ PARTS = {
     "cub_time_bf16": {"prefix": "laptop_cubbf16_m_", "teacher": "laptop_cub_teacher_r",
                       "supervised": "laptop_cub_student", "compare": "time", "note": TAIL + BF16,
                       "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail, bf16",
-                      "labels": {"dfkd_fgvc_kl": KL_ONLY, "dfkd_fgvc_klsam": KL_ONLY + ", with the SAM",
+                      "labels": {"dfkd_fgvc_kl": KL_ONLY, "dfkd_fgvc_klsam": KL_SAM,
                                  "dfkd_fgvc_g01": G01}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
