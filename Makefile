@@ -48,7 +48,8 @@ laptop: $(STAMP)  ## the CPU protocol of issue 9 (about 2.5 h on 2 cores, resuma
 	DFKD_DATA=$${DFKD_DATA:-../shared/data} $(PY) -m dfkd.batch batches/laptop.yaml
 	$(PY) -m dfkd.protocol
 
-laptop-time: $(STAMP)  ## the protocol's CUB part at equal wall time with a distillation tail, each run alone, fp32 and bf16 (twenty-seven runs, about four and a half hours on 2 cores after make laptop's CUB teacher and student)
+laptop-time: $(STAMP)  ## the protocol's CUB part at equal wall time with a distillation tail, each run alone, fp32 and bf16, and the bf16 part's main lines again for the Xeon part (thirty-four runs, about five and a half hours on 2 cores after make laptop's CUB teacher and student)
 	DFKD_DATA=$${DFKD_DATA:-../shared/data} $(PY) -m dfkd.batch batches/laptop_time.yaml
 	$(PY) -m dfkd.protocol --part cub_time
 	$(PY) -m dfkd.protocol --part cub_time_bf16
+	$(PY) -m dfkd.protocol --part cub_time_bf16_xeon

@@ -336,6 +336,21 @@ def test_only_takes_a_comma_list_and_accepts_needs_made_in_the_batch(tmp_path):
                         dry_run=True, log=lambda m: None)
 
 
+def test_only_takes_grid_expansions_of_two_keys(tmp_path):
+    """A grid of two keys names its expansions ``a[seed=0,tag=g1]``: the comma inside the brackets
+    belongs to the name, the one outside separates two names."""
+    two = LAYERED.replace("set: {lr: 1, seed: 3}\n    grid: {tag: [g1, g2]}",
+                          "set: {lr: 1}\n    grid: {tag: [g1, g2], seed: [0, 1]}")
+    root = _project(tmp_path, two, files={"params/job.yaml": ""})
+    jobs = batch.resolve_jobs(root / "batches" / "b.yaml", root=root)
+    names = sorted(j.name for j in jobs if j.job == "a")
+    assert len(names) == 4 and all("," in n for n in names), names
+    picked = batch.resolve_jobs(root / "batches" / "b.yaml", only=f"{names[0]}, {names[3]}", root=root)
+    assert [j.name for j in picked] == [names[0], names[3]]
+    with pytest.raises(batch.BatchError, match="matches no job"):
+        batch.resolve_jobs(root / "batches" / "b.yaml", only=names[0].replace("]", ""), root=root)
+
+
 def test_kernel_config_uses_unix_sockets_unless_the_path_is_too_long(tmp_path):
     short = batch.kernel_config(tmp_path)
     if os.name != "nt":

@@ -71,6 +71,28 @@ def test_block_norm_use_sam_and_options():
         AttentionGenerator(nz=16, img_size=32, ngf=8, block_norm="in")
 
 
+def test_sam_blocks_drops_the_last_blocks_sams_exactly():
+    """sam_blocks=3: the first three blocks keep their SAMs, the largest block has none; the output is
+    the four-SAM generator's with the fourth SAM's Eq. 6 term at lam 0 (the same weights)."""
+    torch.manual_seed(0)
+    g4 = AttentionGenerator(nz=16, img_size=32, ngf=8).eval()
+    g3 = AttentionGenerator(nz=16, img_size=32, ngf=8, sam_blocks=3).eval()
+    assert [s.channels for s in g3.sams] == [s.channels for s in g4.sams][:3]
+    missing, unexpected = g3.load_state_dict(g4.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("sams.3.") for k in unexpected)
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        x3, maps3 = g3(z, return_attention=True)
+        with_sam = g4(z)
+        g4.sams[3].lam = 0.0
+        without = g4(z)
+    assert len(maps3) == 3
+    assert torch.equal(x3, without) and not torch.allclose(x3, with_sam)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="sam_blocks"):
+            AttentionGenerator(nz=16, img_size=32, ngf=8, sam_blocks=bad)
+
+
 @pytest.mark.parametrize("cls", [AttentionGenerator, DCGANGenerator])
 @pytest.mark.parametrize("size", [40, 8, 100])
 def test_img_size_must_be_multiple_of_16(cls, size):

@@ -36,7 +36,9 @@ PREVIOUS_DEFAULTS = {
     "fast_meta": "fomaml", "fast_reset_l0": True, "fast_warmup": 0,
 }
 POOLED = ("zskd", "adi", "cmi")          # the old shared pool_size (default 0 = 2048 images)
-NO_OPTIONS = ("dfkd_fgvc", "dfad")
+NO_OPTIONS = ("dfad",)
+# options added after the flat names moved (no old name to point from)
+NEW_OPTIONS = {"dfkd_fgvc": {"sam_blocks": 4}}
 
 
 def test_options_defaults_equal_the_previous_flat_defaults():
@@ -46,6 +48,8 @@ def test_options_defaults_equal_the_previous_flat_defaults():
         expected[method][key] = value
     for m in POOLED:
         expected[m]["pool_size"] = 0
+    for m, new in NEW_OPTIONS.items():
+        expected[m].update(new)
     got = {m: options.defaults(cls.Options) for m, cls in METHODS.items()}
     assert got == expected
     for m, d in got.items():   # types too: 0.0 == 0 would hide an int default on a float option
@@ -143,6 +147,9 @@ def test_methods_read_their_options_through_opts():
     assert build("cmi").opts.contrast == 0.8
     assert build("adi", method_options={"pool_size": 40}).pool.capacity == 40
     assert build("dfkd_fgvc").opts == METHODS["dfkd_fgvc"].Options()
+    assert len(build("dfkd_fgvc").generator.sams) == 4
+    assert [s.channels for s in build("dfkd_fgvc", method_options={"sam_blocks": 3}).generator.sams] == \
+        [s.channels for s in build("dfkd_fgvc").generator.sams][:3]
     from dfkd.methods import create_method
     from dfkd.models import create_model
     cfg = DistillConfig(method="cmi", method_options={"tau": 0.3}, device="cpu", batch_size=4)

@@ -7,6 +7,7 @@ one moves without the other, and check that a part's table is built from its own
 from __future__ import annotations
 
 from dfkd import batch, paths, protocol, tracking
+from dfkd.config import DistillConfig
 
 ROOT = paths.project_root()
 CURRENT = ("toy", "cub")   # parts the manifest runs today; the others table older runs
@@ -117,9 +118,10 @@ def test_the_equal_time_part_names_its_manifests_runs(tmp_path):
     assert every and all(j.alone for j in every)
     jobs = [j for j in every if j.run_name.startswith(spec["prefix"])]
     bf16 = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16"]["prefix"])]
-    assert jobs and bf16 and len(jobs) + len(bf16) == len(every)   # every run in one of the two parts
+    xeon = [j for j in every if j.run_name.startswith(protocol.PARTS["cub_time_bf16_xeon"]["prefix"])]
+    assert jobs and bf16 and xeon and len(jobs) + len(bf16) + len(xeon) == len(every)   # every run in a part
     assert {j.params["teacher_run"] for j in every} == {spec["teacher"]} == {protocol.PARTS["cub"]["teacher"]}
-    assert {j.params["amp"] for j in jobs} == {"auto"} and {j.params["amp"] for j in bf16} == {"native"}
+    assert {j.params["amp"] for j in jobs} == {"auto"} and {j.params["amp"] for j in bf16 + xeon} == {"native"}
     assert spec["supervised"] == protocol.PARTS["cub"]["supervised"]
     iters = {j.job: _iterations(j.params) for j in jobs}
     # Eq. 11 with MHAD and SFCL is the dearest student step, its KL term alone the cheapest
@@ -213,3 +215,36 @@ def test_the_bf16_part_has_every_method_of_issue_9s_cub_part_on_one_loop():
     differ = ("lam", "epochs", "seed", "run_name")
     assert {k: v for k, v in sam.items() if k not in differ} == {k: v for k, v in kl.items() if k not in differ}
     assert "SAM" in protocol.PARTS["cub_time_bf16"]["labels"]["dfkd_fgvc_klsam"]
+
+
+def test_the_xeon_part_runs_the_bf16_parts_jobs_unchanged(tmp_path):
+    """Part cub_time_bf16_xeon repeats the bf16 part's KL-only line and fast on another CPU: every
+    parameter but the run name is its bf16 job's (so the two parts differ only in the machine and the
+    teacher trained on it), three seeds each; its third line changes the KL-only line's kd_T only.
+    Its table names the temperature line and says the CPU."""
+    spec = protocol.PARTS["cub_time_bf16_xeon"]
+    every = _time_jobs()
+    by_job = {}
+    for j in every:
+        by_job.setdefault(j.job, {})[j.params["seed"]] = j.params
+    same = ("run_name",)
+    for new, old in (("cub_xeon_dfkd_fgvc_kl", "cub_time_bf16_dfkd_fgvc_kl"), ("cub_xeon_fast", "cub_time_bf16_fast")):
+        assert set(by_job[new]) == set(by_job[old]) == {0, 1, 2}
+        for seed, n in by_job[new].items():
+            o = by_job[old][seed]
+            assert {k: v for k, v in n.items() if k not in same} == {k: v for k, v in o.items() if k not in same}
+            assert n["run_name"].startswith(spec["prefix"]) and not o["run_name"].startswith(spec["prefix"])
+    for seed, t4 in by_job["cub_xeon_dfkd_fgvc_klT4"].items():
+        kl = by_job["cub_xeon_dfkd_fgvc_kl"][seed]
+        assert kl.get("kd_T", DistillConfig.kd_T) == 1.0 < t4["kd_T"] == 4.0   # 1: the default
+        assert {k: v for k, v in t4.items() if k not in ("kd_T", "run_name")} == \
+            {k: v for k, v in kl.items() if k not in ("kd_T", "run_name")}
+    for name, method in (("laptop_cubx_m_dfkd_fgvc_klT4_s0", "dfkd_fgvc"), ("laptop_cubx_m_fast_s0", "fast")):
+        _finished_run(tmp_path, "distill", name, {
+            "student_top1_last": 20.0, "student_top1_best": 20.0, "method": method, "chance_top1": 2.0,
+            "time_s": 600.0}, {"method": method, "seed": 0})
+    protocol.write_part("cub_time_bf16_xeon", tmp_path / "fig", runs_root=tmp_path)
+    table = (tmp_path / "fig" / "laptop_cub_time_bf16_xeon_table.md").read_text()
+    assert f"| {spec['labels']['dfkd_fgvc_klT4']} |" in table and "| fast |" in table
+    assert "Xeon" in table and "at equal time, not at equal steps" in table
+

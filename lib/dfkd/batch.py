@@ -450,7 +450,8 @@ def resolve_jobs(manifest_path: str | Path, *, smoke: bool = False, sets=None, o
     _link_needs(jobs, resolved, by_run)
     ordered = _topological(resolved)
     if only:
-        names = [n.strip() for n in only.split(",") if n.strip()]
+        # a grid expansion's name has commas inside its brackets (job[method=fast,seed=0]): split outside them
+        names = [n.strip() for n in re.split(r",(?![^\[]*\])", only) if n.strip()]
         if unmatched := [n for n in names if not any(n in (r.name, r.job) for r in resolved)]:
             raise BatchError(f"--only {', '.join(unmatched)!r} matches no job; jobs: {[r.name for r in resolved]}")
         ordered = [r for r in ordered if r.name in names or r.job in names]

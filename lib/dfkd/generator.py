@@ -72,6 +72,9 @@ class AttentionGenerator(nn.Module):
         deconv_kernel: 3 (Table 6) or 4 (DCGAN ``GeneratorB``).
         block_norm: ``none`` (Table 6: SN + LReLU only) or ``bn`` (BatchNorm after each deconv).
         use_sam: False drops the SAMs entirely (plain SN-DCGAN; ``sams`` is then empty).
+        sam_blocks: the SAM follows the first ``sam_blocks`` of the four blocks (4: every block, Table 6;
+            3 drops the last, largest one, whose SAM costs most on a CPU: not in the paper, dfkd_fgvc's
+            ``sam_blocks`` option, docs/decisions.md).
         num_classes: K > 0 makes the generator class-conditional (not in the paper; the
             ``g_conditional`` option, docs/decisions.md#synthesis): a learned label embedding
             ``embed`` (K, nz) is added to the noise before the FC layer, so the label moves the mean of
@@ -82,16 +85,20 @@ class AttentionGenerator(nn.Module):
 
     Forward: z (B, nz) float -> image (B, 3, S, S) in [-1, 1]. ``forward(z, return_attention=True)``
     returns ``(image, [w_1, ..., w_4])`` with each block's SAM softmax weights (B, C_b, H_b, W_b)
-    in fp32. ``sams`` is the ModuleList of the four SAMs; ``relative_contributions()`` lists the
-    detached ``||lam*softmax(A)*F|| / ||F||`` of the last forward per block (for logging).
+    in fp32 (one per SAM). ``sams`` is the ModuleList of the SAMs (four unless ``sam_blocks``);
+    ``relative_contributions()`` lists the detached ``||lam*softmax(A)*F|| / ||F||`` of the last
+    forward per SAM (for logging).
     """
 
     def __init__(self, nz: int = 256, img_size: int = 224, ngf: int = 64, *, lam: float = 0.05,
                  sam_reduction: int = 4, sam_softmax: str = "spatial", deconv_kernel: int = 3,
-                 block_norm: str = "none", use_sam: bool = True, num_classes: int = 0):
+                 block_norm: str = "none", use_sam: bool = True, num_classes: int = 0, sam_blocks: int = 4):
         super().__init__()
         if block_norm not in ("none", "bn"):
             raise ValueError(f"block_norm={block_norm!r} is not one of ('none', 'bn')")
+        if not 1 <= sam_blocks <= 4:
+            raise ValueError(f"sam_blocks={sam_blocks} is not 1..4 (the generator has four blocks; 4 = a SAM "
+                             f"after every block, the paper; lam=0 drops every SAM)")
         self.nz, self.img_size, self.ngf = nz, img_size, ngf
         self.init_size = s0 = _check_size(img_size)
         widths = [8 * ngf, 4 * ngf, 2 * ngf, ngf, ngf]
@@ -108,7 +115,8 @@ class AttentionGenerator(nn.Module):
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
         self.sams = nn.ModuleList(
-            SpatialAttention(c, reduction=sam_reduction, lam=lam, softmax=sam_softmax) for c in widths[1:]
+            SpatialAttention(c, reduction=sam_reduction, lam=lam, softmax=sam_softmax)
+            for c in widths[1:1 + sam_blocks]
         ) if use_sam else nn.ModuleList()
         self.head = nn.Sequential(nn.Conv2d(ngf, 3, 3, padding=1), nn.Tanh())   # 3x3 Conv, Tanh
         dcgan_init(self)
@@ -129,7 +137,7 @@ class AttentionGenerator(nn.Module):
         maps = []
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if len(self.sams):
+            if i < len(self.sams):
                 if return_attention:
                     x, w = self.sams[i](x, return_attention=True)      # Eq. 6
                     maps.append(w)

@@ -5,7 +5,7 @@
 
 Per part (``toy``: the embedded set at 32 px; ``cub``: CUB-200 classes 1-50 at 64 px, both at equal
 steps; ``cub_time``: the CUB part at equal wall time with a distillation tail, ``batches/laptop_time.yaml``;
-``cub_time_bf16``: the same in bf16) it writes
+``cub_time_bf16``: the same in bf16; ``cub_time_bf16_xeon``: its main lines again on an Intel Xeon) it writes
 ``laptop_<part>_table.md`` (per method: last-epoch top-1 mean and std over seeds, best-epoch mean,
 the share of the teacher and of the supervised student, the budget in images and steps, wall time)
 and ``laptop_<part>_curves.png`` (student top-1 against wall time, one line per run). Parts whose
@@ -42,6 +42,7 @@ TAIL = ("\nEvery run synthesises (G and S steps) for its first iterations only, 
 # and what it is, said once for both parts' notes
 KL_ONLY = "dfkd_fgvc, Eq. 11 as KL only"
 KL_SAM = KL_ONLY + ", with the SAM"       # the same line with the paper's SAM on (runs ..._dfkd_fgvc_klsam_s<seed>)
+KL_T4 = KL_ONLY + ", KD temperature 4"   # the same line at kd_T 4 (runs ..._dfkd_fgvc_klT4_s<seed>)
 G01 = "dfkd_fgvc, Eq. 11 with gamma 0.1"   # the whole Eq. 11 with a lighter SFCL (runs ..._dfkd_fgvc_g01_s<seed>)
 KL_ONLY_IS = (f"`{KL_ONLY}` is the paper's method with its student loss reduced to the KL term (`use_mhad: false, "
               "use_sfcl: false`, Table 3's ablation switches)")
@@ -59,6 +60,12 @@ BF16 = ("\nEvery run computes in bf16 (`amp: native`: bf16 autocast and channels
         f"since the seventeenth session); `{G01}` keeps the whole Eq. 11 with a lighter SFCL and its fp32 job's synthesis "
         "share (`g_stop` 0.4). `dfq`, `cmi` and `dafl` (one seed each) synthesise for the same share "
         "of their iterations as the KL-only line (`g_stop` 0.3), `fast` for its fp32 job's (0.36).\n")
+
+# batches/laptop_time.yaml's jobs cub_xeon_* (since 2026-12-08's eighteenth session)
+XEON = ("\nThe bf16 part's jobs (the same parameters and iterations; part cub_time_bf16 ran on an AMD EPYC) on a "
+        "2-core Intel Xeon with AMX-BF16, whose teacher (the same job) ends above the 45 % floor: docs/decisions.md, "
+        f"'The CUB part on an Intel Xeon'. {KL_ONLY_IS}; `{KL_T4}` is the same line with the KD temperature 4 "
+        "(`kd_T`, Eq. 2; the paper gives none, 1 elsewhere).\n")
 
 PARTS = {
     # since 2026-12-06's eighth session the embedded teacher is adversarially trained (adv_eps 1.0,
@@ -86,6 +93,11 @@ PARTS = {
                       "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, with tail, bf16",
                       "labels": {"dfkd_fgvc_kl": KL_ONLY, "dfkd_fgvc_klsam": KL_SAM,
                                  "dfkd_fgvc_g01": G01}},
+    # since 2026-12-08's eighteenth session: the bf16 part's main lines on a 2-core Intel Xeon (AMX-BF16)
+    "cub_time_bf16_xeon": {"prefix": "laptop_cubx_m_", "teacher": "laptop_cub_teacher_r",
+                           "supervised": "laptop_cub_student", "compare": "time", "note": TAIL + XEON,
+                           "title": "CUB-200 1-50, 64 px, 2 Xeon cores, equal wall time, with tail, bf16",
+                           "labels": {"dfkd_fgvc_kl": KL_ONLY, "dfkd_fgvc_klT4": KL_T4}},
     "cub_time_notail": {"prefix": "laptop_cubtime_m_", "teacher": "laptop_cub_teacher_r",
                         "supervised": "laptop_cub_student", "compare": "time",
                         "title": "CUB-200 1-50, 64 px, 2 CPU cores, equal wall time, no tail"},

@@ -7,11 +7,14 @@ with L_KD the KL divergence of Eq. 2, L_BN the BatchNorm-statistics prior of Eq.
 teacher, L_MHAD the mixed high-order attention distillation of Eq. 7 and L_SFCL the semantic
 feature contrastive loss of Eqs. 8-9. Every term can be switched off (Table 3) and every weight is
 a config field (Tables 4-5, Fig. 7). Design choices where the paper is silent are listed in
-``docs/decisions.md`` and selected by the config fields named there.
+``docs/decisions.md`` and selected by the config fields named there. Options added since
+2026-12-08 are this method's own (``method_options``, :class:`DFKDFGVCOptions`); the older ones are
+still shared config fields.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,9 +24,18 @@ from .. import dist
 from ..generator import AttentionGenerator
 from ..losses import (ProjectionHead, bn_memory_state, bn_prior, build_mhad, class_coverage_terms, kd_loss,
                       load_bn_memory, mhad_loss, mode_seeking_loss, sfcl_loss)
+from ..options import option
 from ..replay import Replay, augment
 from .base import DistillMethod
 from .fast import meta_update, open_round, round_update
+
+
+@dataclass(frozen=True)
+class DFKDFGVCOptions:
+    """DFKD-FGVC: Shao et al., "Data-free Knowledge Distillation for Fine-grained Visual Categorization",
+    ICCV 2023. Defaults: the paper's (Table 6: a SAM after every generator block)."""
+    sam_blocks: int = option(4, "SAMs after the first N of the generator's four blocks (4: every block, "
+                                "Table 6; 3 drops the largest block's, most of the SAMs' CPU cost)")
 
 
 class PenultimateAdapter(nn.Module):
@@ -60,6 +72,7 @@ class DFKDFGVC(DistillMethod):
     """The paper's method (Algorithm 1)."""
 
     name = "dfkd_fgvc"
+    Options = DFKDFGVCOptions
     # MHAD's route products, sigmoids and route mean are element-wise passes over (B, R, C, H, W)
     # stacks, several times slower on NHWC strides on a CPU: mhad_loss feeds them NCHW features
     nchw_modules = ("adapters", "mhas", "teacher_mhas")
@@ -116,7 +129,7 @@ class DFKDFGVC(DistillMethod):
             nz=cfg.nz, img_size=self.image_size, ngf=cfg.ngf, lam=cfg.lam,
             sam_reduction=cfg.sam_reduction, sam_softmax=cfg.sam_softmax,
             deconv_kernel=cfg.deconv_kernel, block_norm=cfg.block_norm, use_sam=cfg.lam > 0,
-            num_classes=self.num_classes if cfg.g_conditional else 0)
+            num_classes=self.num_classes if cfg.g_conditional else 0, sam_blocks=self.opts.sam_blocks)
 
     def sample_targets(self, n: int) -> torch.Tensor:
         """``g_conditional``: n labels (n,) for this rank, class-balanced over the global batch: the
