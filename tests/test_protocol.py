@@ -164,6 +164,16 @@ def test_a_variant_of_a_method_has_a_line_of_its_own(tmp_path):
     assert "KL" in spec["labels"]["dfkd_fgvc_kl"] and "gamma 0.1" in spec["labels"]["dfkd_fgvc_g01"]
 
 
+def _part_table(tmp_path, part: str, runs) -> str:
+    """Part ``part``'s table from finished runs ``(name, method)`` of seed 0 (20 % in 600 s each)."""
+    for name, method in runs:
+        _finished_run(tmp_path, "distill", name, {
+            "student_top1_last": 20.0, "student_top1_best": 20.0, "method": method, "chance_top1": 2.0,
+            "time_s": 600.0}, {"method": method, "seed": 0})
+    protocol.write_part(part, tmp_path / "fig", runs_root=tmp_path)
+    return (tmp_path / "fig" / f"laptop_{part}_table.md").read_text()
+
+
 def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
     """Part cub_time_bf16 runs the fp32 part's KL-only line and `fast` in bf16: the same synthesis
     shares (g_stop) and switches as their fp32 jobs, more iterations for both (a bf16 step is cheaper
@@ -181,12 +191,8 @@ def test_the_bf16_part_refits_each_methods_iterations(tmp_path):
             assert n.get(key) == o.get(key), (new, key)
     kl, fast = (jobs[a].params for a, _ in pairs[:2])
     assert kl["iters_per_epoch"] == fast["iters_per_epoch"]        # the same number of evaluations per run
-    for name, method in (("laptop_cubbf16_m_dfkd_fgvc_kl_s0", "dfkd_fgvc"), ("laptop_cubbf16_m_fast_s0", "fast")):
-        _finished_run(tmp_path, "distill", name, {
-            "student_top1_last": 20.0, "student_top1_best": 20.0, "method": method, "chance_top1": 2.0,
-            "time_s": 600.0}, {"method": method, "seed": 0})
-    protocol.write_part("cub_time_bf16", tmp_path / "fig", runs_root=tmp_path)
-    table = (tmp_path / "fig" / "laptop_cub_time_bf16_table.md").read_text()
+    table = _part_table(tmp_path, "cub_time_bf16", (("laptop_cubbf16_m_dfkd_fgvc_kl_s0", "dfkd_fgvc"),
+                                                     ("laptop_cubbf16_m_fast_s0", "fast")))
     assert "at equal time, not at equal steps" in table and "`amp: native`" in table
     assert f"| {spec['labels']['dfkd_fgvc_kl']} |" in table and "| fast |" in table
 
@@ -239,12 +245,8 @@ def test_the_xeon_part_runs_the_bf16_parts_jobs_unchanged(tmp_path):
         assert kl.get("kd_T", DistillConfig.kd_T) == 1.0 < t4["kd_T"] == 4.0   # 1: the default
         assert {k: v for k, v in t4.items() if k not in ("kd_T", "run_name")} == \
             {k: v for k, v in kl.items() if k not in ("kd_T", "run_name")}
-    for name, method in (("laptop_cubx_m_dfkd_fgvc_klT4_s0", "dfkd_fgvc"), ("laptop_cubx_m_fast_s0", "fast")):
-        _finished_run(tmp_path, "distill", name, {
-            "student_top1_last": 20.0, "student_top1_best": 20.0, "method": method, "chance_top1": 2.0,
-            "time_s": 600.0}, {"method": method, "seed": 0})
-    protocol.write_part("cub_time_bf16_xeon", tmp_path / "fig", runs_root=tmp_path)
-    table = (tmp_path / "fig" / "laptop_cub_time_bf16_xeon_table.md").read_text()
+    table = _part_table(tmp_path, "cub_time_bf16_xeon", (("laptop_cubx_m_dfkd_fgvc_klT4_s0", "dfkd_fgvc"),
+                                                          ("laptop_cubx_m_fast_s0", "fast")))
     assert f"| {spec['labels']['dfkd_fgvc_klT4']} |" in table and "| fast |" in table
     assert "Xeon" in table and "at equal time, not at equal steps" in table
 
