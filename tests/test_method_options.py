@@ -146,10 +146,11 @@ def test_methods_read_their_options_through_opts():
     assert m.opts.bank_size == 24 and m.cmi_bank.shape[0] == 24 and m.head.net[-1].out_features == 8
     assert build("cmi").opts.contrast == 0.8
     assert build("adi", method_options={"pool_size": 40}).pool.capacity == 40
-    assert build("dfkd_fgvc").opts == METHODS["dfkd_fgvc"].Options()
-    assert len(build("dfkd_fgvc").generator.sams) == 4
+    paper = build("dfkd_fgvc")
+    assert paper.opts == METHODS["dfkd_fgvc"].Options()
+    assert len(paper.generator.sams) == 4
     assert [s.channels for s in build("dfkd_fgvc", method_options={"sam_blocks": 3}).generator.sams] == \
-        [s.channels for s in build("dfkd_fgvc").generator.sams][:3]
+        [s.channels for s in paper.generator.sams][:3]
     from dfkd.methods import create_method
     from dfkd.models import create_model
     cfg = DistillConfig(method="cmi", method_options={"tau": 0.3}, device="cpu", batch_size=4)
